@@ -1,0 +1,2 @@
+// signals CPU kernels
+#include "pyopd/signals.h"

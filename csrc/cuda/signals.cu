@@ -1,0 +1,2 @@
+// signals CUDA kernels
+#include "pyopd/signals.h"

@@ -1,0 +1,16 @@
+"""pyopd: fused kernels and thin trainers for on-policy distillation."""
+from __future__ import annotations
+
+from pyopd import _C
+
+__version__: str = _C.build_info().get("version", "0.0.0")
+
+
+def build_info() -> dict:
+    """What the extension was compiled with: version, CPU ISA path, CUDA and its archs."""
+    return dict(_C.build_info())
+
+
+def cuda_available() -> bool:
+    """True when the CUDA kernels were compiled in and a CUDA device is visible."""
+    return bool(_C.build_info()["cuda"]) and _C.cuda_device_count() > 0
