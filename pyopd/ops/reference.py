@@ -1,0 +1,105 @@
+"""Pure-PyTorch references for the fused vocabulary kernels.
+
+These compute, with plain `log_softmax`, exactly what `pyopd.token_stats` and
+`pyopd.reverse_kl` compute in one pass. They are the ground truth of the tests
+(run them in float64) and the "eager" baseline of the benchmarks. They are
+differentiable with ordinary autograd.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics of one model's distribution p = softmax(logits / T).
+
+    Every field is shaped like the leading dims of the logits ([N] or [B, T]).
+    """
+
+    logprob: torch.Tensor  # log p(y); 0 where tokens is None or the row is masked
+    entropy: torch.Tensor  # H(p) = -sum_j p_j log p_j
+    lse: torch.Tensor  # logsumexp(logits / T)
+
+
+class ReverseKL(NamedTuple):
+    """Per-token signals of student p = softmax(s / T) vs teacher q = softmax(t / T)."""
+
+    kl: torch.Tensor  # KL(p || q) = sum_j p_j (log p_j - log q_j)
+    student_entropy: torch.Tensor
+    teacher_entropy: torch.Tensor
+    student_logprob: torch.Tensor  # log p(y)
+    teacher_logprob: torch.Tensor  # log q(y)
+    student_lse: torch.Tensor
+    teacher_lse: torch.Tensor
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    p = logp.exp()
+    # p * log p is 0 where p == 0 (a -inf logit), never NaN.
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+def _gather(logp: torch.Tensor, tokens: Optional[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    if tokens is None:
+        return torch.zeros(logp.shape[:-1], dtype=logp.dtype, device=logp.device)
+    safe = torch.where(valid, tokens, torch.zeros_like(tokens)).long()
+    return logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+
+
+def _masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return torch.where(valid, x, torch.zeros_like(x))
+
+
+def token_stats_ref(
+    logits: torch.Tensor,
+    tokens: Optional[torch.Tensor] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> TokenStats:
+    """Reference of `pyopd.token_stats`: logits [..., V], tokens/mask [...]."""
+    x = logits.to(compute_dtype) / temperature
+    valid = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if mask is None else mask
+    logp = torch.log_softmax(x, dim=-1)
+    return TokenStats(
+        logprob=_masked(_gather(logp, tokens, valid), valid),
+        entropy=_masked(_entropy(logp), valid),
+        lse=_masked(torch.logsumexp(x, dim=-1), valid),
+    )
+
+
+def reverse_kl_ref(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: Optional[torch.Tensor] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> ReverseKL:
+    """Reference of `pyopd.reverse_kl`: student [..., V], teacher [..., Vt >= V].
+
+    The teacher is normalised over all Vt entries; the student has no mass on
+    ids >= V, so the KL only sums over the first V entries.
+    """
+    V = student_logits.shape[-1]
+    xs = student_logits.to(compute_dtype) / temperature
+    xt = teacher_logits.detach().to(compute_dtype) / temperature
+    valid = torch.ones(xs.shape[:-1], dtype=torch.bool, device=xs.device) if mask is None else mask
+    logp = torch.log_softmax(xs, dim=-1)
+    logq_full = torch.log_softmax(xt, dim=-1)
+    logq = logq_full[..., :V]
+    p = logp.exp()
+    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    return ReverseKL(
+        kl=_masked(kl, valid),
+        student_entropy=_masked(_entropy(logp), valid),
+        teacher_entropy=_masked(_entropy(logq_full), valid),
+        student_logprob=_masked(_gather(logp, tokens, valid), valid),
+        teacher_logprob=_masked(_gather(logq, tokens, valid), valid),
+        student_lse=_masked(torch.logsumexp(xs, dim=-1), valid),
+        teacher_lse=_masked(torch.logsumexp(xt, dim=-1), valid),
+    )
