@@ -35,10 +35,15 @@ class ReverseKL(NamedTuple):
     teacher_lse: torch.Tensor
 
 
+def _where_p(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # Terms p_j * x_j are 0 where p_j == 0 (a -inf logit). Selecting x before
+    # the product keeps autograd free of 0 * inf = NaN as well.
+    return torch.where(p > 0, x, torch.zeros_like(x))
+
+
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
     p = logp.exp()
-    # p * log p is 0 where p == 0 (a -inf logit), never NaN.
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    return -(p * _where_p(p, logp)).sum(-1)
 
 
 def _gather(logp: torch.Tensor, tokens: Optional[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
@@ -93,7 +98,7 @@ def reverse_kl_ref(
     logq_full = torch.log_softmax(xt, dim=-1)
     logq = logq_full[..., :V]
     p = logp.exp()
-    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    kl = (p * _where_p(p, logp - logq)).sum(-1)
     return ReverseKL(
         kl=_masked(kl, valid),
         student_entropy=_masked(_entropy(logp), valid),
