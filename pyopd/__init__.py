@@ -14,3 +14,22 @@ def build_info() -> dict:
 def cuda_available() -> bool:
     """True when the CUDA kernels were compiled in and a CUDA device is visible."""
     return bool(_C.build_info()["cuda"]) and _C.cuda_device_count() > 0
+
+
+from pyopd.ops import (  # noqa: E402  (after _C is loaded)
+    ReverseKL,
+    TokenStats,
+    reverse_kl,
+    reverse_kl_backward,
+    token_stats,
+)
+
+__all__ = [
+    "ReverseKL",
+    "TokenStats",
+    "build_info",
+    "cuda_available",
+    "reverse_kl",
+    "reverse_kl_backward",
+    "token_stats",
+]

@@ -1,0 +1,415 @@
+"""Fused vocabulary-wide per-token statistics: `token_stats` and `reverse_kl`.
+
+One pass over the vocabulary per row (CPU: C++/OpenMP, CUDA: hand-written
+kernels) gives, without materialising softmaxes, what on-policy distillation
+needs per token: the student's (and teacher's) sampled-token log-prob, entropy,
+log-sum-exp and the full-vocabulary reverse KL(p || q). The backward pass
+recomputes p (and q) from the saved per-row max and log-normaliser, so nothing
+of size [N, V] is kept between forward and backward.
+
+The math is in DESIGN.md section 2; `pyopd.ops.reference` computes the same
+with plain `log_softmax` and is what the tests compare against.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from pyopd import _C
+from pyopd.ops.reference import ReverseKL, TokenStats
+
+__all__ = ["token_stats", "reverse_kl", "reverse_kl_backward", "TokenStats", "ReverseKL"]
+
+_DTYPE_TAG = {
+    torch.float32: _C.DType.float32,
+    torch.bfloat16: _C.DType.bfloat16,
+    torch.float16: _C.DType.float16,
+    torch.float64: _C.DType.float64,
+}
+
+
+# ---------------------------------------------------------------------------
+# argument checks (user-facing messages name the argument)
+# ---------------------------------------------------------------------------
+
+
+def _check_logits(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPE_TAG:
+        raise TypeError(
+            f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [N, V] or [B, T, V], got {tuple(x.shape)}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be on the CPU or a CUDA device, got {x.device}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
+    if x.numel() == 0:
+        raise ValueError(f"{name} has no rows (shape {tuple(x.shape)}); pass at least one token")
+    return x
+
+
+def _check_rows(name: str, x: Optional[torch.Tensor], lead: Sequence[int], device: torch.device,
+                kind: str) -> Optional[torch.Tensor]:
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(lead):
+        raise ValueError(f"{name} must have shape {tuple(lead)} (the logits' leading dims), "
+                         f"got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
+    if kind == "mask" and x.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True where the token counts), got {x.dtype}")
+    if kind == "tokens" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {x.dtype}")
+    return x
+
+
+def _check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not (t > 0.0 and math.isfinite(t)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
+
+
+def _check_token_range(tokens: torch.Tensor, mask: Optional[torch.Tensor], vocab: int) -> None:
+    # Only rows that count are checked, so padding ids such as -100 are fine
+    # under a mask. Skipped while tracing for torch.compile (data-dependent).
+    if torch.compiler.is_compiling():
+        return
+    bad = (tokens < 0) | (tokens >= vocab)
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        first = tokens[bad].flatten()[0].item()
+        raise ValueError(
+            f"tokens must lie in [0, {vocab}) (the student vocabulary) on unmasked rows; "
+            f"found {first}"
+        )
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [N, V] with a contiguous last dim and a uniform row stride (a view when possible)."""
+    v = x.shape[-1]
+    rows = x.reshape(-1, v)
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < v):
+        rows = rows.contiguous()
+    return rows
+
+
+def _row_stride(rows: torch.Tensor) -> int:
+    return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
+
+
+def _device_args(t: torch.Tensor) -> tuple[int, int]:
+    if t.device.type == "cpu":
+        return -1, 0
+    if not _C.build_info()["cuda"]:
+        raise RuntimeError(
+            "This build of pyopd has no CUDA kernels (it was built without nvcc); "
+            "reinstall with PYOPD_CUDA=ON on a machine with the CUDA toolkit"
+        )
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def _out_dtype(student: torch.Tensor) -> torch.dtype:
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------
+# custom ops (usable under torch.compile) and their autograd
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pyopd::vocab_stats_fwd", mutates_args=())
+def _vocab_stats_fwd(
+    student: torch.Tensor,
+    teacher: Optional[torch.Tensor],
+    tokens: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    inv_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """student [N, V], teacher [N, Vt] or None, tokens int64 [N] or None, mask bool [N] or None.
+
+    Returns kl, student_entropy, teacher_entropy, student_logprob, teacher_logprob,
+    student_lse, teacher_lse (each [N]) and stats [N, 4] = (m_s, logZ_s, m_t, logZ_t).
+    """
+    n, v = student.shape
+    od = _out_dtype(student)
+    outs = [torch.zeros(n, dtype=od, device=student.device) for _ in range(7)]
+    stats = torch.empty(n, 4, dtype=od, device=student.device)
+    p = _C.VocabStatsFwdParams()
+    p.student = student.data_ptr()
+    p.student_dtype = _DTYPE_TAG[student.dtype]
+    p.student_row_stride = _row_stride(student)
+    if teacher is not None:
+        p.teacher = teacher.data_ptr()
+        p.teacher_dtype = _DTYPE_TAG[teacher.dtype]
+        p.teacher_row_stride = _row_stride(teacher)
+        p.teacher_vocab = teacher.shape[1]
+        p.kl, p.teacher_entropy, p.teacher_logprob, p.teacher_lse = (
+            outs[0].data_ptr(), outs[2].data_ptr(), outs[4].data_ptr(), outs[6].data_ptr())
+    if tokens is not None:
+        p.tokens = tokens.data_ptr()
+    if mask is not None:
+        p.mask = mask.data_ptr()
+    p.n_rows, p.vocab, p.inv_temperature = n, v, inv_temperature
+    p.student_entropy, p.student_logprob, p.student_lse = (
+        outs[1].data_ptr(), outs[3].data_ptr(), outs[5].data_ptr())
+    p.stats = stats.data_ptr()
+    device, stream = _device_args(student)
+    _C.vocab_stats_fwd(p, device, stream)
+    return (*outs, stats)
+
+
+@_vocab_stats_fwd.register_fake
+def _(student, teacher, tokens, mask, inv_temperature):
+    n = student.shape[0]
+    od = _out_dtype(student)
+    outs = [student.new_empty(n, dtype=od) for _ in range(7)]
+    return (*outs, student.new_empty(n, 4, dtype=od))
+
+
+@torch.library.custom_op("pyopd::vocab_stats_bwd", mutates_args=())
+def _vocab_stats_bwd(
+    student: torch.Tensor,
+    teacher: Optional[torch.Tensor],
+    tokens: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    kl: torch.Tensor,
+    student_entropy: torch.Tensor,
+    grad_kl: Optional[torch.Tensor],
+    grad_logprob: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    grad_lse: Optional[torch.Tensor],
+    inv_temperature: float,
+    grad_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Gradient w.r.t. the student logits [N, V] (contiguous, dtype grad_dtype)."""
+    n, v = student.shape
+    grad = torch.empty(n, v, dtype=grad_dtype, device=student.device)
+    od = _out_dtype(student)
+    p = _C.VocabStatsBwdParams()
+    p.student = student.data_ptr()
+    p.student_dtype = _DTYPE_TAG[student.dtype]
+    p.student_row_stride = _row_stride(student)
+    if teacher is not None:
+        p.teacher = teacher.data_ptr()
+        p.teacher_dtype = _DTYPE_TAG[teacher.dtype]
+        p.teacher_row_stride = _row_stride(teacher)
+        p.teacher_vocab = teacher.shape[1]
+    if tokens is not None:
+        p.tokens = tokens.data_ptr()
+    if mask is not None:
+        p.mask = mask.data_ptr()
+    p.n_rows, p.vocab, p.inv_temperature = n, v, inv_temperature
+    p.stats, p.kl, p.student_entropy = stats.data_ptr(), kl.data_ptr(), student_entropy.data_ptr()
+    keep = []  # upstream grads converted to the kernels' per-row dtype stay alive until the call
+    for field, g in (("grad_kl", grad_kl), ("grad_logprob", grad_logprob),
+                     ("grad_entropy", grad_entropy), ("grad_lse", grad_lse)):
+        if g is not None:
+            g = g.to(od).contiguous()
+            keep.append(g)
+            setattr(p, field, g.data_ptr())
+    if teacher is None:
+        p.grad_kl = 0
+    p.grad_student = grad.data_ptr()
+    p.grad_dtype = _DTYPE_TAG[grad_dtype]
+    device, stream = _device_args(student)
+    _C.vocab_stats_bwd(p, device, stream)
+    return grad
+
+
+@_vocab_stats_bwd.register_fake
+def _(student, teacher, tokens, mask, stats, kl, student_entropy, grad_kl, grad_logprob,
+      grad_entropy, grad_lse, inv_temperature, grad_dtype):
+    return student.new_empty(student.shape, dtype=grad_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, tokens, mask, inv_temperature = inputs
+    kl, hs, _ht, _lps, _lpt, _lses, _lset, stats = output
+    ctx.save_for_backward(student, teacher, tokens, mask, stats, kl, hs)
+    ctx.inv_temperature = inv_temperature
+
+
+def _backward(ctx, g_kl, g_hs, _g_ht, g_lps, _g_lpt, g_lses, _g_lset, _g_stats):
+    student, teacher, tokens, mask, stats, kl, hs = ctx.saved_tensors
+    if all(g is None for g in (g_kl, g_hs, g_lps, g_lses)) or not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    grad = _vocab_stats_bwd(student, teacher, tokens, mask, stats, kl, hs,
+                            g_kl if teacher is not None else None, g_lps, g_hs, g_lses,
+                            ctx.inv_temperature, student.dtype)
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd("pyopd::vocab_stats_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+
+
+def _prepare(student_logits, teacher_logits, tokens, mask, temperature, require_teacher: bool):
+    student_logits = _check_logits("student_logits" if require_teacher else "logits", student_logits)
+    lead = tuple(student_logits.shape[:-1])
+    v = student_logits.shape[-1]
+    dev = student_logits.device
+    if require_teacher:
+        teacher_logits = _check_logits("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape[:-1]) != lead:
+            raise ValueError(
+                f"teacher_logits leading dims {tuple(teacher_logits.shape[:-1])} do not match "
+                f"student_logits {lead}")
+        if teacher_logits.device != dev:
+            raise ValueError(
+                f"teacher_logits is on {teacher_logits.device} but student_logits is on {dev}")
+        if teacher_logits.shape[-1] < v:
+            raise ValueError(
+                f"teacher_logits has a smaller vocabulary ({teacher_logits.shape[-1]}) than "
+                f"student_logits ({v}); the teacher must cover every student id (Vt >= V)")
+        if (student_logits.dtype == torch.float64) != (teacher_logits.dtype == torch.float64):
+            raise TypeError("float64 logits need both student_logits and teacher_logits in float64 "
+                            f"(got {student_logits.dtype} and {teacher_logits.dtype})")
+        if teacher_logits.requires_grad and torch.is_grad_enabled():
+            raise ValueError("teacher_logits requires grad, but pyopd never differentiates the "
+                             "teacher; pass teacher_logits.detach()")
+    tokens = _check_rows("tokens", tokens, lead, dev, "tokens")
+    mask = _check_rows("mask", mask, lead, dev, "mask")
+    t = _check_temperature(temperature)
+    if tokens is not None:
+        _check_token_range(tokens, mask, v)
+        tokens = tokens.reshape(-1).to(torch.int64).contiguous()
+    if mask is not None:
+        mask = mask.reshape(-1).contiguous()
+    student_rows = _as_rows(student_logits)
+    teacher_rows = _as_rows(teacher_logits) if require_teacher else None
+    return lead, student_rows, teacher_rows, tokens, mask, 1.0 / t
+
+
+def token_stats(
+    logits: torch.Tensor,
+    tokens: Optional[torch.Tensor] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+) -> TokenStats:
+    """Sampled-token log-prob, entropy and log-sum-exp of one model, in one pass.
+
+    Args:
+        logits: [N, V] or [B, T, V], float32/bfloat16/float16 (float64 for checks).
+            Rows may be strided (e.g. ``logits[:, :-1]``); the last dim must be
+            the vocabulary.
+        tokens: integer ids shaped like the leading dims, or None (logprob is 0).
+        mask: bool, shaped like the leading dims, True where the token counts.
+            Masked rows read no logits and give zeros (and zero gradients).
+        temperature: p = softmax(logits / temperature).
+
+    Returns:
+        TokenStats(logprob, entropy, lse), each float32 (float64 for float64
+        logits) shaped like the leading dims. ``logprob`` and ``entropy`` (and
+        ``lse``) are differentiable w.r.t. ``logits``.
+
+    Use it to score a teacher and free its logits before the student's exist.
+    """
+    lead, rows, _, tokens, mask, inv_t = _prepare(logits, None, tokens, mask, temperature, False)
+    _kl, hs, _ht, lps, _lpt, lses, _lset, _stats = _vocab_stats_fwd(rows, None, tokens, mask, inv_t)
+    return TokenStats(logprob=lps.view(lead), entropy=hs.view(lead), lse=lses.view(lead))
+
+
+def reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: Optional[torch.Tensor] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+) -> ReverseKL:
+    """Full-vocabulary reverse KL(p || q) and per-token signals, in one pass.
+
+    p = softmax(student_logits / T) over V ids, q = softmax(teacher_logits / T)
+    over Vt >= V ids (a teacher with a padded vocabulary is fine: the student
+    has no mass beyond V, so the KL is exact).
+
+    Args:
+        student_logits: [N, V] or [B, T, V]; float32/bfloat16/float16 (or float64).
+        teacher_logits: [N, Vt] or [B, T, Vt], Vt >= V; any of the same dtypes
+            (float64 only together with a float64 student). Never differentiated.
+        tokens: sampled ids shaped like the leading dims, or None (both log-probs 0).
+        mask: bool, shaped like the leading dims, True where the token counts;
+            masked rows read no logits and give zeros and zero gradients.
+        temperature: applied to both models.
+
+    Returns:
+        ReverseKL(kl, student_entropy, teacher_entropy, student_logprob,
+        teacher_logprob, student_lse, teacher_lse), float32 (float64 for float64
+        logits), shaped like the leading dims. ``kl``, ``student_entropy``,
+        ``student_logprob`` and ``student_lse`` are differentiable w.r.t.
+        ``student_logits``; the backward pass re-reads the logits instead of
+        keeping an [N, V] buffer.
+    """
+    lead, s_rows, t_rows, tokens, mask, inv_t = _prepare(
+        student_logits, teacher_logits, tokens, mask, temperature, True)
+    kl, hs, ht, lps, lpt, lses, lset, _stats = _vocab_stats_fwd(s_rows, t_rows, tokens, mask, inv_t)
+    return ReverseKL(kl=kl.view(lead), student_entropy=hs.view(lead), teacher_entropy=ht.view(lead),
+                     student_logprob=lps.view(lead), teacher_logprob=lpt.view(lead),
+                     student_lse=lses.view(lead), teacher_lse=lset.view(lead))
+
+
+def reverse_kl_backward(
+    student_logits: torch.Tensor,
+    teacher_logits: Optional[torch.Tensor],
+    tokens: Optional[torch.Tensor] = None,
+    *,
+    grad_kl: Optional[torch.Tensor] = None,
+    grad_logprob: Optional[torch.Tensor] = None,
+    grad_entropy: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    grad_dtype: Optional[torch.dtype] = None,
+) -> tuple[ReverseKL | TokenStats, torch.Tensor]:
+    """Functional forward + backward without autograd, with the gradient dtype of your choice.
+
+    Runs the forward pass, then writes d(sum_i g_kl_i KL_i + g_lp_i log p_i(y_i)
+    + g_h_i H_i) / d student_logits in ``grad_dtype`` (default: the student's
+    dtype; ``torch.float32`` keeps full precision for bf16/fp16 logits, which
+    autograd would round to the input dtype). ``teacher_logits=None`` gives the
+    token_stats gradient. Upstream grads are shaped like the leading dims.
+
+    Returns (forward result, grad shaped like student_logits).
+    """
+    has_teacher = teacher_logits is not None
+    lead, s_rows, t_rows, tokens, mask, inv_t = _prepare(
+        student_logits, teacher_logits, tokens, mask, temperature, has_teacher)
+    gd = student_logits.dtype if grad_dtype is None else grad_dtype
+    if gd not in _DTYPE_TAG:
+        raise TypeError(f"grad_dtype must be float32, bfloat16, float16 or float64, got {gd}")
+    if (gd == torch.float64) != (student_logits.dtype == torch.float64):
+        raise TypeError("grad_dtype must be float64 exactly when student_logits is float64")
+    if grad_kl is not None and not has_teacher:
+        raise ValueError("grad_kl needs teacher_logits")
+    ups = []
+    for name, g in (("grad_kl", grad_kl), ("grad_logprob", grad_logprob), ("grad_entropy", grad_entropy)):
+        g = _check_rows(name, g, lead, student_logits.device, "grad")
+        ups.append(None if g is None else g.reshape(-1))
+    with torch.no_grad():
+        kl, hs, ht, lps, lpt, lses, lset, stats = _vocab_stats_fwd(s_rows, t_rows, tokens, mask, inv_t)
+        grad = _vocab_stats_bwd(s_rows, t_rows, tokens, mask, stats, kl, hs, *ups, None, inv_t, gd)
+    grad = grad.view(student_logits.shape)
+    if has_teacher:
+        res = ReverseKL(kl=kl.view(lead), student_entropy=hs.view(lead),
+                        teacher_entropy=ht.view(lead), student_logprob=lps.view(lead),
+                        teacher_logprob=lpt.view(lead), student_lse=lses.view(lead),
+                        teacher_lse=lset.view(lead))
+        return res, grad
+    return TokenStats(logprob=lps.view(lead), entropy=hs.view(lead), lse=lses.view(lead)), grad
