@@ -237,7 +237,8 @@ def _(student, teacher, tokens, mask, stats, kl, student_entropy, grad_kl, grad_
 
 def _setup_context(ctx, inputs, output):
     student, teacher, tokens, mask, inv_temperature = inputs
-    kl, hs, _ht, _lps, _lpt, _lses, _lset, stats = output
+    kl, hs, ht, _lps, lpt, _lses, lset, stats = output
+    ctx.mark_non_differentiable(ht, lpt, lset, stats)  # the teacher is never differentiated
     ctx.save_for_backward(student, teacher, tokens, mask, stats, kl, hs)
     ctx.inv_temperature = inv_temperature
 
