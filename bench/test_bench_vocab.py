@@ -1,0 +1,168 @@
+"""Forward + backward of reverse_kl: pyopd vs eager PyTorch vs torch.compile (vs Liger on GPU).
+
+Run:  python -m pytest bench/test_bench_vocab.py --benchmark-only -s
+      (PYOPD_BENCH_DEVICE=cuda for the GPU shapes; bench/gpu_check.sh does that)
+
+Every provider is checked against pyopd before it is timed. Each case
+records in `extra_info`: bytes the fused kernel must move, GB/s, peak extra
+host memory (CPU), and the whole run prints a side-by-side ratio table
+(bench/conftest.py), including the ratio to a streaming copy of the same
+bytes timed in the same run (the practical roofline).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import pyopd
+from pyopd.ops import reverse_kl_ref
+from _memory import peak_extra_bytes
+from _results import record
+
+DEVICE = os.environ.get("PYOPD_BENCH_DEVICE", "cpu")
+if DEVICE == "cuda" and not pyopd.cuda_available():
+    pytest.skip("PYOPD_BENCH_DEVICE=cuda but no CUDA device / CUDA build", allow_module_level=True)
+
+if DEVICE == "cpu":
+    SHAPES = [(4096, 32768, torch.float32), (512, 151936, torch.bfloat16)]
+    ROUNDS = 3
+else:
+    SHAPES = [(8192, 151936, torch.bfloat16), (4096, 32768, torch.float32)]
+    ROUNDS = 10
+
+
+def _shape_id(shape) -> str:
+    n, v, dt = shape
+    return f"N{n}-V{v}-{str(dt).replace('torch.', '')}"
+
+
+def _inputs(n, v, dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    s = torch.randn(n, v, generator=g, device=DEVICE, dtype=torch.float32).mul_(2).to(dtype)
+    t = torch.randn(n, v, generator=g, device=DEVICE, dtype=torch.float32).mul_(2).to(dtype)
+    y = torch.randint(0, v, (n,), device=DEVICE, generator=g)
+    return s, t, y
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _loss(r):
+    # The analytic reverse-KL loss plus the two other differentiable signals,
+    # so every term of the fused backward is exercised.
+    return r.kl.sum() + 0.01 * r.student_entropy.sum() - r.student_logprob.sum()
+
+
+def _ref32(s, t, y):
+    return reverse_kl_ref(s, t, y, compute_dtype=torch.float32)
+
+
+def _liger_provider():
+    try:
+        from liger_kernel.transformers import LigerJSD  # noqa: F401
+    except Exception:  # not installed or no Triton: not a provider here
+        return None
+    from liger_kernel.transformers import LigerJSD
+
+    jsd = LigerJSD(beta=1.0)  # beta = 1: KL(student || teacher) over log-probs
+
+    def run(s, t, y):
+        logp = torch.log_softmax(s.float(), -1)
+        logq = torch.log_softmax(t.float(), -1)
+        return jsd(logp, logq)
+
+    return run
+
+
+PROVIDERS = ["pyopd", "eager", "compile"] + (["liger"] if DEVICE == "cuda" else [])
+_compiled = {}
+
+
+def _fwd_bwd(provider, s, t, y):
+    if provider == "pyopd":
+        fn = pyopd.reverse_kl
+    elif provider == "eager":
+        fn = _ref32
+    elif provider == "compile":
+        fn = _compiled.setdefault("fn", torch.compile(_ref32))
+    else:
+        liger = _liger_provider()
+        x = s.detach().requires_grad_()
+        loss = liger(x, t, y)
+        loss.backward()
+        return loss, x.grad
+    x = s.detach().requires_grad_()
+    loss = _loss(fn(x, t, y))
+    loss.backward()
+    return loss, x.grad
+
+
+def fused_bytes(n, v, dtype) -> int:
+    """Bytes the fused op must move: forward reads s and t, backward reads s, t and writes grad."""
+    e = torch.finfo(dtype).bits // 8
+    return n * v * e * 5
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_reverse_kl_fwd_bwd(benchmark, provider, shape):
+    n, v, dtype = shape
+    if provider == "liger" and _liger_provider() is None:
+        pytest.skip("Liger-Kernel not installed")
+    s, t, y = _inputs(n, v, dtype)
+    # Check before timing: every provider agrees with pyopd on the loss.
+    if provider not in ("pyopd", "liger"):
+        ours, _ = _fwd_bwd("pyopd", s[:64], t[:64], y[:64])
+        theirs, _ = _fwd_bwd(provider, s[:64], t[:64], y[:64])
+        torch.testing.assert_close(theirs.float(), ours.float(), rtol=1e-4, atol=1e-2)
+
+    def run():
+        out = _fwd_bwd(provider, s, t, y)
+        _sync()
+        return out
+
+    run()  # warm-up (compilation, allocator, thread pool)
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    nbytes = fused_bytes(n, v, dtype)
+    benchmark.extra_info.update(
+        provider=provider, shape=_shape_id(shape), bytes=nbytes,
+        gbps=nbytes / benchmark.stats.stats.median / 1e9)
+    if DEVICE == "cpu":
+        def fwd_only():
+            with torch.no_grad():
+                return (pyopd.reverse_kl if provider == "pyopd" else
+                        _compiled.get("fn", _ref32) if provider == "compile" else _ref32)(s, t, y)
+        benchmark.extra_info["peak_extra_fwd_bytes"] = peak_extra_bytes(fwd_only)
+        benchmark.extra_info["peak_extra_fwd_bwd_bytes"] = peak_extra_bytes(run)
+    else:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        benchmark.extra_info["peak_extra_fwd_bwd_bytes"] = torch.cuda.max_memory_allocated() - base
+    record(benchmark, "reverse_kl fwd+bwd")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_streaming_copy_roofline(benchmark, shape):
+    """A plain copy that reads and writes as many bytes as the fused op moves."""
+    n, v, dtype = shape
+    nbytes = fused_bytes(n, v, dtype)
+    half = nbytes // 2 // 4
+    src = torch.ones(half, device=DEVICE)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync()
+
+    def run():
+        dst.copy_(src)
+        _sync()
+
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(provider="copy", shape=_shape_id(shape), bytes=nbytes,
+                                gbps=nbytes / benchmark.stats.stats.median / 1e9)
+    record(benchmark, "reverse_kl fwd+bwd")

@@ -1,0 +1,136 @@
+"""Rollouts and scoring: the student samples, the models score its tokens.
+
+A `Rollouts` batch holds B = prompts x n sampled responses as right-padded
+response ids [B, R] with a response mask [B, R] (1 up to and including EOS).
+Scoring lays each row out as ``left-padded prompt ++ response`` for whichever
+model scores it (the teacher may see another prompt, e.g. a constitution or a
+chat template) and takes the per-token signals with `pyopd.token_stats` on
+the response positions only, one micro-batch at a time, so only one
+micro-batch of logits is alive at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+import pyopd
+
+
+@dataclass
+class Rollouts:
+    prompts: list[str]            # [B] the student's prompt of each row
+    prompt_ids: list[list[int]]   # [B] token ids of that prompt (no padding)
+    response: torch.Tensor        # [B, R] int64, pad after EOS
+    mask: torch.Tensor            # [B, R] bool, True on response tokens (EOS included)
+    group: torch.Tensor           # [B] int64, index of the prompt the row answers
+    texts: list[str]              # [B] decoded responses (special tokens removed)
+
+    @property
+    def size(self) -> int:
+        return self.response.shape[0]
+
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+
+@torch.no_grad()
+def sample_rollouts(model, tokenizer, prompts: Sequence[str], n: int, *, max_new_tokens: int,
+                    temperature: float = 1.0, top_p: float = 1.0,
+                    generation_batch: int = 256) -> Rollouts:
+    """Sample ``n`` responses per prompt from ``model`` (left padding, stops at EOS)."""
+    was_training = model.training
+    model.eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows_prompts, rows_ids, responses, groups = [], [], [], []
+    for start in range(0, len(prompts), max(1, generation_batch // n)):
+        chunk = list(prompts[start:start + max(1, generation_batch // n)])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True)
+        seqs = model.generate(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+            max_new_tokens=max_new_tokens, num_return_sequences=n,
+            pad_token_id=pad, eos_token_id=eos)
+        resp = seqs[:, enc["input_ids"].shape[1]:]
+        for i in range(resp.shape[0]):
+            p = i // n
+            rows_prompts.append(chunk[p])
+            rows_ids.append(enc["input_ids"][p][enc["attention_mask"][p].bool()].tolist())
+            groups.append(start + p)
+        responses.append(resp)
+    model.train(was_training)
+    width = max(r.shape[1] for r in responses)
+    response = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=pad)
+                          for r in responses])
+    mask = response_mask(response, eos)
+    response = torch.where(mask, response, torch.full_like(response, pad))
+    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    return Rollouts(rows_prompts, rows_ids, response, mask, torch.tensor(groups), texts)
+
+
+def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """True up to and including the first EOS of each row (all True if none)."""
+    is_eos = response == eos_id
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return ~after
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor       # [b, P + R]
+    attention_mask: torch.Tensor  # [b, P + R]
+    position_ids: torch.Tensor    # [b, P + R], counted over real tokens as in generate()
+    start: int                    # logits[:, start:start + R] predict the response tokens
+
+
+def layout(prompt_ids: Sequence[Sequence[int]], response: torch.Tensor, mask: torch.Tensor,
+           pad_id: int) -> ModelInputs:
+    """Left-pad the prompts to one width and append the responses."""
+    width = max(len(p) for p in prompt_ids)
+    b = len(prompt_ids)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    att = torch.zeros((b, width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        if len(p):
+            ids[i, width - len(p):] = torch.tensor(p)
+            att[i, width - len(p):] = 1
+    input_ids = torch.cat([ids, response], dim=1)
+    attention_mask = torch.cat([att, mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return ModelInputs(input_ids, attention_mask, position_ids, width - 1)
+
+
+def response_logits(model, inputs: ModelInputs, r: int) -> torch.Tensor:
+    """Logits [b, R, V] at the positions that predict the response tokens."""
+    out = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids, use_cache=False)
+    return out.logits[:, inputs.start:inputs.start + r]
+
+
+@dataclass
+class Scores:
+    logprob: torch.Tensor  # [B, R] log-prob of the sampled token, 0 off the mask
+    entropy: torch.Tensor  # [B, R] entropy of the model's next-token distribution
+
+
+@torch.no_grad()
+def score(model, prompt_ids: Sequence[Sequence[int]], rollouts: Rollouts, pad_id: int,
+          rows: Optional[torch.Tensor] = None, micro_batch: int = 16,
+          temperature: float = 1.0) -> Scores:
+    """Per-token log-prob and entropy of ``model`` on the rollout tokens (rows subset optional)."""
+    idx = torch.arange(rollouts.size) if rows is None else rows
+    r = rollouts.response.shape[1]
+    logprob = torch.zeros(rollouts.size, r)
+    entropy = torch.zeros(rollouts.size, r)
+    was_training = model.training
+    model.eval()
+    for chunk in idx.split(micro_batch):
+        resp, m = rollouts.response[chunk], rollouts.mask[chunk]
+        inputs = layout([prompt_ids[i] for i in chunk.tolist()], resp, m, pad_id)
+        logits = response_logits(model, inputs, r)
+        st = pyopd.token_stats(logits, resp, mask=m, temperature=temperature)
+        logprob[chunk], entropy[chunk] = st.logprob.float(), st.entropy.float()
+        del logits
+    model.train(was_training)
+    return Scores(logprob, entropy)
