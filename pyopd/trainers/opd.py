@@ -223,9 +223,10 @@ class OPDTrainer:
         order = torch.arange(ro.size)
         r = ro.response.shape[1]
         pad = self.tok.pad_token_id
+        micro_metrics: dict = {}
         for mini in order.chunk(cfg.mini_batches):
             self.opt.zero_grad(set_to_none=True)
-            denom = loss_denominator(cfg, ro.mask[mini])
+            denom = loss_denominator(cfg, signals, mini)
             for micro in mini.split(cfg.micro_batch):
                 inputs = layout([ro.prompt_ids[i] for i in micro.tolist()], ro.response[micro],
                                 ro.mask[micro], pad)
@@ -234,13 +235,16 @@ class OPDTrainer:
                 if cfg.loss in ("rkl", "fire-rkl"):
                     teacher_logits = self._teacher_logits(sc, micro, r)
                 loss, m = micro_loss(cfg, logits, teacher_logits, ro.response[micro],
-                                     ro.mask[micro], signals, micro, denom)
+                                     ro.mask[micro], signals, sc, micro, denom)
                 loss.backward()
                 for k, v in m.items():
-                    metrics[k] = metrics.get(k, 0.0) + v * micro.numel() / ro.size
+                    # micro-batch losses share the denominator: they sum to the mini-batch loss
+                    share = 1.0 / cfg.mini_batches if k == "loss" else micro.numel() / ro.size
+                    micro_metrics[k] = micro_metrics.get(k, 0.0) + v * share
             grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
             self.opt.step()
             self.sched.step()
+        metrics = {**micro_metrics, **metrics}  # batch-level signals win over micro averages
         metrics.update(
             step=self.step + 1, lr=self.sched.get_last_lr()[0], grad_norm=float(grad_norm),
             response_length=float(ro.lengths().float().mean()),
@@ -310,3 +314,70 @@ class OPDTrainer:
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------- signals and losses
+
+
+def batch_signals(cfg: OPDConfig, sc: dict, num_teachers: int) -> tuple[dict, dict]:
+    """Batch-level signals over the WHOLE rollout batch: FiRe-OPD filter + weights, TIP selection.
+
+    Returns (signals, metrics). ``signals["loss_mask"]`` [B, T] is the set of
+    tokens that enter the loss (and its denominator).
+    """
+    from pyopd.losses import fire_opd_signals, tip_token_mask
+
+    ro: Rollouts = sc["rollouts"]
+    m = ro.mask
+    sig = {"keep": None, "weight": None, "selection": None, "loss_mask": m}
+    metrics: dict = {}
+    if cfg.loss in ("fire", "fire-rkl"):
+        multi = num_teachers > 1
+        fs = fire_opd_signals(
+            sc["teacher"].logprob, m, teacher_entropy=sc["teacher"].entropy,
+            student_entropy=sc["old"].entropy, p=cfg.percentile, alpha=cfg.alpha, beta=cfg.beta,
+            normalize=cfg.weight_norm, teacher_index=sc["teacher_index"] if multi else None,
+            num_teachers=num_teachers if multi else None)
+        sig.update(keep=fs.keep, weight=fs.weight, loss_mask=m & fs.keep[:, None])
+        metrics.update(fs.metrics)
+    elif cfg.loss == "tip":
+        div = (sc["teacher"].logprob - sc["old"].logprob).abs()
+        sel = tip_token_mask(sc["old"].entropy, div, m, rho=cfg.tip_rho)
+        sig.update(selection=sel, loss_mask=m & sel)
+    return sig, metrics
+
+
+def loss_denominator(cfg: OPDConfig, signals: dict, rows: torch.Tensor) -> float:
+    """The aggregation denominator of the rows of one optimizer step (shared by its micro-batches)."""
+    lm = signals["loss_mask"][rows]
+    n = lm.sum(-1)
+    d = n.sum() if cfg.agg == "token-mean" else (n > 0).sum()
+    return max(1.0, float(d))
+
+
+def micro_loss(cfg: OPDConfig, logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
+               response: torch.Tensor, mask: torch.Tensor, signals: dict, sc: dict,
+               rows: torch.Tensor, denominator: float) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-batch ``rows`` from the student's logits [b, R, V] (with grad)."""
+    from pyopd import losses
+
+    keep = None if signals["keep"] is None else signals["keep"][rows]
+    weight = None if signals["weight"] is None else signals["weight"][rows]
+    ppo = dict(clip_ratio=cfg.clip, dual_clip=cfg.dual_clip, agg=cfg.agg, denominator=denominator)
+    if cfg.loss in ("rkl", "fire-rkl"):
+        return losses.reverse_kl_loss_from_logits(
+            logits, teacher_logits, mask, tokens=response, weight=weight, keep=keep,
+            agg=cfg.agg, denominator=denominator)
+    logprob = pyopd.token_stats(logits, response, mask=mask).logprob
+    old = sc["old"].logprob[rows]
+    lq = sc["teacher"].logprob[rows]
+    if cfg.loss == "opd":
+        return losses.opd_loss(logprob, old, lq, mask, **ppo)
+    if cfg.loss == "fire":
+        return losses.fire_opd_loss(logprob, old, lq, mask, keep=keep, weight=weight, **ppo)
+    if cfg.loss == "exopd":
+        return losses.exopd_loss(logprob, old, lq, sc["reference"].logprob[rows], mask,
+                                 lam=cfg.exopd_lambda, **ppo)
+    if cfg.loss == "tip":
+        return losses.tip_loss(logprob, old, lq, mask, selection=signals["selection"][rows], **ppo)
+    raise ValueError(f"unknown loss {cfg.loss!r}")

@@ -8,7 +8,7 @@ from typing import Iterable, Optional, Sequence
 
 
 class JsonlLog:
-    """Appends one JSON object per line; on resume, drops lines past the resumed step."""
+    """Appends one JSON object per line; on resume, drops the lines of steps after the checkpoint."""
 
     def __init__(self, path: Path, resume_step: Optional[int] = None) -> None:
         self.path = path
@@ -17,7 +17,7 @@ class JsonlLog:
             path.write_text("")
         elif path.exists():
             keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", -1) < resume_step]
+                    if ln.strip() and json.loads(ln).get("step", -1) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
