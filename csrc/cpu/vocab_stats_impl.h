@@ -34,12 +34,20 @@ namespace {
 using cpu::load_as_float;
 
 constexpr int64_t kTile = 512;
+
+// The exp must be inlined into the SIMD loops: called out of line it runs one
+// lane at a time (seen in perf as 60% of the forward in a scalar `vexp`).
+#if defined(__GNUC__)
+#define PYOPD_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define PYOPD_ALWAYS_INLINE inline
+#endif
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 // exp(x) in float, vectorisable: Cody-Waite reduction by ln 2 and a degree-7
 // Taylor polynomial (relative error ~2 ulp). Exactly 0 below -87.3 (so -inf
 // gives 0) and NaN for NaN.
-static inline float vexp(float x) {
+static PYOPD_ALWAYS_INLINE float vexp(float x) {
   const float lo = -87.33654f, hi = 88.0f;
   float xc = x < lo ? lo : x;  // comparisons with NaN are false: NaN passes
   xc = xc > hi ? hi : xc;
@@ -60,7 +68,7 @@ static inline float vexp(float x) {
   const float res = poly * scale;
   return x < lo ? 0.0f : res;
 }
-static inline double vexp(double x) { return std::exp(x); }
+static PYOPD_ALWAYS_INLINE double vexp(double x) { return std::exp(x); }
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
@@ -262,6 +270,21 @@ template <typename G>
 static inline void store_grad(G* out, int64_t i, float v) { cpu::store_from_float(out, i, v); }
 static inline void store_grad(double* out, int64_t i, double v) { out[i] = v; }
 
+// grad_j / (1/T) = p_j (a lp_j - g_kl lq_j + b), 0 where p_j == 0; the teacher
+// term only when the KL has an upstream gradient.
+template <bool kReadTeacher, typename Acc>
+static inline void grad_tile(const Acc* x, const Acc* y, int64_t n, Acc ms, Acc log_zs, Acc mt,
+                             Acc log_zt, Acc a, Acc g_kl, Acc b, Acc inv_t, Acc* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc lp = (x[i] - ms) - log_zs;
+    const Acc pj = vexp(lp);
+    Acc inner = a * lp + b;
+    if constexpr (kReadTeacher) inner -= g_kl * ((y[i] - mt) - log_zt);
+    out[i] = pj > 0 ? pj * inner * inv_t : Acc(0);
+  }
+}
+
 template <typename Ts, typename Tt, typename G, bool kTeacher>
 void bwd_rows(const VocabStatsBwdParams& p) {
   using Acc = typename AccOf<Ts>::type;
@@ -306,16 +329,14 @@ void bwd_rows(const VocabStatsBwdParams& p) {
       for (int64_t j0 = 0; j0 < V; j0 += kTile) {
         const int64_t n = std::min(kTile, V - j0);
         load_tile(srow, j0, n, inv_t, xs.v);
-        if (read_teacher) load_tile(trow, j0, n, inv_t, ys.v);
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          const Acc lp = (xs.v[i] - ms) - log_zs;
-          const Acc pj = vexp(lp);
-          const Acc lq = read_teacher ? (ys.v[i] - mt) - log_zt : Acc(0);
-          Acc g = pj > 0 ? pj * (a * lp - g_kl * lq + b) : Acc(0);
-          g += (j0 + i == y) ? g_lp : Acc(0);
-          gs.v[i] = g * inv_t;
+        if (read_teacher) {
+          load_tile(trow, j0, n, inv_t, ys.v);
+          grad_tile<true>(xs.v, ys.v, n, ms, log_zs, mt, log_zt, a, g_kl, b, inv_t, gs.v);
+        } else {
+          grad_tile<false>(xs.v, ys.v, n, ms, log_zs, mt, log_zt, a, g_kl, b, inv_t, gs.v);
         }
+        // The sampled token's one-hot term, outside the vector loop.
+        if (y >= j0 && y < j0 + n) gs.v[y - j0] += g_lp * inv_t;
         for (int64_t i = 0; i < n; ++i) store_grad(grow, j0 + i, gs.v[i]);
       }
     }
