@@ -32,7 +32,7 @@ from pyopd.trainers import checkpoint as ckpt_io
 from pyopd.trainers.records import JsonlLog
 from pyopd.trainers.rollout import Rollouts, Scores, layout, response_logits, sample_rollouts, score
 
-LOSSES = ("opd", "fire", "rkl", "fire-rkl", "exopd", "tip")
+LOSSES = ("opd", "fire", "rkl", "fire-rkl", "exopd", "tip", "copsd")
 
 
 @dataclass
@@ -49,6 +49,9 @@ class OPDConfig:
     agg: str = "token-mean"
     exopd_lambda: float = 1.25      # ExOPD / G-OPD reward scale (reference = initial student)
     tip_rho: float = 0.5            # TIP: fraction of tokens kept
+    kl_coef: float = 0.005          # COPSD: k3 KL to the reference (initial) student
+    reward_clip: tuple = (-3.0, 5.0)  # COPSD: per-token reward clip
+    reward_bonus: float = 0.02      # COPSD: per-token reward bonus
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -132,9 +135,11 @@ class OPDTrainer:
         self.cfg, self.student, self.teachers, self.tok = cfg, student, dict(teachers), tokenizer
         self.teacher_names = sorted(self.teachers)
         self.prompts, self.evaluate, self.log, self.progress = prompts, evaluate, log, progress
-        self.reference = reference  # frozen initial student, for ExOPD
+        self.reference = reference  # frozen initial student: ExOPD's r, COPSD's KL anchor
         if cfg.loss == "exopd" and reference is None:
             raise ValueError("loss 'exopd' needs reference= (the frozen initial student)")
+        if reference is not None:
+            reference.eval().requires_grad_(False)
         for t in self.teachers.values():
             t.eval().requires_grad_(False)
         self.out_dir = Path(cfg.out_dir)
@@ -183,7 +188,7 @@ class OPDTrainer:
     def _teacher_prompt_ids(self, batch: PromptBatch, ro: Rollouts) -> list[list[int]]:
         if batch.teacher_prompts is None:
             return ro.prompt_ids
-        ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in batch.teacher_prompts]
+        ids = [self.tok(p)["input_ids"] for p in batch.teacher_prompts]  # as the student prompt
         return [ids[g] for g in ro.group.tolist()]
 
     def rollout_and_score(self, batch: PromptBatch) -> dict:
@@ -207,7 +212,7 @@ class OPDTrainer:
                           micro_batch=cfg.micro_batch)
                 teacher.logprob[rows], teacher.entropy[rows] = s.logprob[rows], s.entropy[rows]
         ref = None
-        if self.reference is not None and cfg.loss == "exopd":
+        if self.reference is not None and cfg.loss in ("exopd", "copsd"):
             ref = score(self.reference, ro.prompt_ids, ro, pad, micro_batch=cfg.micro_batch)
         return {"rollouts": ro, "old": old, "teacher": teacher, "teacher_index": teacher_index,
                 "teacher_prompt_ids": tprompt_ids, "reference": ref}
@@ -340,6 +345,13 @@ def batch_signals(cfg: OPDConfig, sc: dict, num_teachers: int) -> tuple[dict, di
             num_teachers=num_teachers if multi else None)
         sig.update(keep=fs.keep, weight=fs.weight, loss_mask=m & fs.keep[:, None])
         metrics.update(fs.metrics)
+    elif cfg.loss == "copsd":
+        ga = pyopd.group_advantages(sc["teacher"].logprob, sc["old"].logprob, m, ro.group,
+                                    clip_low=cfg.reward_clip[0], clip_high=cfg.reward_clip[1],
+                                    bonus=cfg.reward_bonus)
+        sig["advantage"] = ga.advantage
+        w = m.sum(-1).double()
+        metrics["reward_mean"] = float((ga.reward_mean * w).sum() / w.sum().clamp(min=1))
     elif cfg.loss == "tip":
         div = (sc["teacher"].logprob - sc["old"].logprob).abs()
         sel = tip_token_mask(sc["old"].entropy, div, m, rho=cfg.tip_rho)
@@ -378,6 +390,10 @@ def micro_loss(cfg: OPDConfig, logits: torch.Tensor, teacher_logits: Optional[to
     if cfg.loss == "exopd":
         return losses.exopd_loss(logprob, old, lq, sc["reference"].logprob[rows], mask,
                                  lam=cfg.exopd_lambda, **ppo)
+    if cfg.loss == "copsd":
+        ref = sc["reference"].logprob[rows] if sc["reference"] is not None else None
+        return losses.copsd_loss(logprob, old, None, mask, advantages=signals["advantage"][rows],
+                                 ref_logprob=ref, kl_coef=cfg.kl_coef, **ppo)
     if cfg.loss == "tip":
         return losses.tip_loss(logprob, old, lq, mask, selection=signals["selection"][rows], **ppo)
     raise ValueError(f"unknown loss {cfg.loss!r}")
