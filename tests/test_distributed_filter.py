@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pyopd.losses import copsd_loss, fire_opd_loss, fire_opd_signals
-from pyopd.ops.signals import fire_token_weights, group_advantages, trajectory_scores
+from pyopd.ops.signals import fire_token_weights, group_advantages, trajectory_filter, trajectory_scores
 
 B, T, P = 21, 13, 30.0
 SPLIT = 8  # rank 0 gets rows [0, 8), rank 1 rows [8, 21): uneven on purpose
@@ -114,9 +114,14 @@ def test_four_micro_batches_of_whole_batch_signals_match():
     total.backward()
     torch.testing.assert_close(total.detach().reshape(1), whole["loss"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lp.grad, whole["grad"], rtol=1e-12, atol=1e-12)
-    # Filtering each micro-batch on its own would be a different (wrong) filter.
-    per_mb = torch.cat([trajectory_scores(d["lq"][i], d["mask"][i], p=P).keep for i in torch.arange(B).chunk(4)])
-    assert not torch.equal(per_mb, whole["keep"])
+    # Filtering each micro-batch on its own would be a different (wrong) filter...
+    chunks = torch.arange(B).chunk(4)
+    per_mb = [trajectory_scores(d["lq"][i], d["mask"][i], p=P) for i in chunks]
+    assert not torch.equal(torch.cat([t.keep for t in per_mb]), whole["keep"])
+    # ...but scores computed per micro-batch, filtered once together, are the whole-batch filter.
+    f = trajectory_filter(torch.cat([t.score for t in per_mb]), torch.cat([t.length for t in per_mb]), p=P)
+    assert torch.equal(f.keep, whole["keep"])
+    assert torch.equal(f.threshold, whole["threshold"]) and torch.equal(f.num_scored, whole["num_scored"])
 
 
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:

@@ -7,25 +7,15 @@ from fractions import Fraction
 import pytest
 import torch
 
-import pyopd
+from _helpers import DEVICES, assert_close
 from pyopd import _C
-from pyopd.ops.signals import fire_token_weights, group_advantages, trajectory_scores
+from pyopd.ops.signals import fire_token_weights, group_advantages, trajectory_filter, trajectory_scores
 from pyopd.ops.signals_reference import (
     fire_token_weights_ref,
     group_advantages_ref,
     trajectory_scores_ref,
 )
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not pyopd.cuda_available(), reason="needs a CUDA build and device"),
-        ],
-    ),
-]
 DTYPES = [torch.float32, torch.float64]
 SHAPES = [(1, 1), (3, 7), (16, 129), (5, 1000)]
 
@@ -35,10 +25,7 @@ def tols(dtype):
 
 
 def close(actual, expected, dtype, name):
-    torch.testing.assert_close(
-        actual.double().cpu(), expected.double().cpu(), **tols(dtype), equal_nan=True,
-        msg=lambda m: f"{name}: {m}",
-    )
+    assert_close(actual, expected, **tols(dtype), what=name)
 
 
 def make_batch(B, T, *, dtype=torch.float64, device="cpu", seed=0, empty_rows=(), noncontig=False):
@@ -163,6 +150,20 @@ def test_filter_is_batch_level_a_micro_batch_of_one_never_filters():
     # What the paper's released code effectively does: one sequence per call.
     per_seq = torch.cat([trajectory_scores(b["teacher_logprob"][i : i + 1], b["mask"][i : i + 1], p=20).keep for i in range(20)])
     assert per_seq.all()
+
+
+def test_trajectory_filter_alone():
+    b = make_batch(12, 10, seed=8, empty_rows=(4,))
+    ts = trajectory_scores(b["teacher_logprob"], b["mask"], p=25)
+    f = trajectory_filter(ts.score, ts.length, p=25)
+    assert torch.equal(f.keep, ts.keep) and torch.equal(f.threshold, ts.threshold)
+    assert int(f.num_scored[0]) == 11 and int(f.num_dropped[0]) == 2
+    with pytest.raises(ValueError, match="length must have shape \\(12,\\)"):
+        trajectory_filter(ts.score, ts.length[:5])
+    with pytest.raises(ValueError, match="score must be a 1-D floating-point tensor"):
+        trajectory_filter(ts.score.unsqueeze(0), ts.length)
+    with pytest.raises(ValueError, match="p must be a percentage"):
+        trajectory_filter(ts.score, ts.length, p=101)
 
 
 def test_multi_teacher_filter_is_per_teacher():
@@ -330,6 +331,10 @@ def test_fire_weights_dropped_rollouts_do_not_set_the_maxima():
     out = fire_token_weights(ht, b["student_entropy"], b["mask"], keep=keep)
     assert out.max_teacher_entropy.item() < 3.0 and not out.weight.isnan().any()
     assert torch.equal(out.weight[1], torch.zeros(6, dtype=torch.float64))
+    # ...while NaN on a kept rollout's valid position reaches the weights (never silently finite)
+    ht[0, 0] = math.nan
+    out = fire_token_weights(ht, b["student_entropy"], b["mask"], keep=keep)
+    assert out.max_teacher_entropy.isnan().all() and out.weight[0, 0].isnan()
 
 
 def test_fire_weights_are_detached():

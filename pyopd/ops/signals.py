@@ -30,6 +30,7 @@ from pyopd import _C
 from pyopd.ops.signals_reference import (
     FireWeights,
     GroupAdvantages,
+    TrajectoryFilter,
     TrajectoryScores,
     num_to_drop,
 )
@@ -37,9 +38,11 @@ from pyopd.ops.signals_reference import (
 __all__ = [
     "FireWeights",
     "GroupAdvantages",
+    "TrajectoryFilter",
     "TrajectoryScores",
     "fire_token_weights",
     "group_advantages",
+    "trajectory_filter",
     "trajectory_scores",
 ]
 
@@ -335,27 +338,65 @@ def trajectory_scores(
         prm.mean_student_entropy = out["mean_student_entropy"].data_ptr()
     _launch(_C.trajectory_stats, prm, dev)
 
-    score = out["score"]
-    nonempty = length > 0
-    s64 = score.to(torch.float64)
-    if group is None:
-        thr, n, k = _filter_threshold(s64, nonempty, teacher, K, p)
-    else:
-        rows = torch.stack([s64, nonempty.to(torch.float64), teacher.to(torch.float64)], dim=1)
-        g = _all_gather_rows(rows, group)
-        thr, n, k = _filter_threshold(g[:, 0], g[:, 1] > 0, g[:, 2].to(torch.int64), K, p)
-    keep = nonempty & ((k[teacher] == 0) | (s64 >= thr[teacher]))
+    f = _filter(out["score"], length > 0, teacher, K, p, group)
     return TrajectoryScores(
-        score=score,
-        keep=keep,
-        threshold=thr,
+        score=out["score"],
+        keep=f.keep,
+        threshold=f.threshold,
         length=length,
         mean_kl=out["mean_kl"],
         mean_teacher_entropy=out["mean_teacher_entropy"],
         mean_student_entropy=out["mean_student_entropy"],
-        num_scored=n,
-        num_dropped=k,
+        num_scored=f.num_scored,
+        num_dropped=f.num_dropped,
     )
+
+
+def _filter(score: torch.Tensor, nonempty: torch.Tensor, teacher: torch.Tensor, K: int, p: float, group):
+    s64 = score.to(torch.float64)
+    if group is None:
+        thr, n, k = _filter_threshold(s64, nonempty, teacher, K, p)
+    else:
+        # One float64 message per rollout: score, non-empty flag, teacher (exact below 2^53).
+        rows = torch.stack([s64, nonempty.to(torch.float64), teacher.to(torch.float64)], dim=1)
+        g = _all_gather_rows(rows, group)
+        thr, n, k = _filter_threshold(g[:, 0], g[:, 1] > 0, g[:, 2].to(torch.int64), K, p)
+    keep = nonempty & ((k[teacher] == 0) | (s64 >= thr[teacher]))
+    return TrajectoryFilter(keep=keep, threshold=thr, num_scored=n, num_dropped=k)
+
+
+def trajectory_filter(
+    score: torch.Tensor,
+    length: torch.Tensor,
+    *,
+    p: float = 20.0,
+    teacher_index: Optional[torch.Tensor] = None,
+    num_teachers: Optional[int] = None,
+    process_group=None,
+    sync: Optional[bool] = None,
+) -> TrajectoryFilter:
+    """The FiRe-OPD rollout filter on per-rollout scores alone.
+
+    `trajectory_scores` already applies it; use this when the scores of one
+    batch arrive in pieces (e.g. per micro-batch: call `trajectory_scores` on
+    each, concatenate `score` and `length`, and filter once here). Same rule,
+    arguments and collectives as `trajectory_scores`.
+
+    Args:
+        score: [B] float per-rollout scores S_i.
+        length: [B] int valid tokens per rollout (0 = empty: never kept, not counted).
+
+    Returns:
+        TrajectoryFilter(keep [B] bool, threshold [K] float64, num_scored [K], num_dropped [K]).
+    """
+    if not isinstance(score, torch.Tensor) or score.dtype not in _FLOATS or score.dim() != 1:
+        raise ValueError("score must be a 1-D floating-point tensor of per-rollout scores")
+    B = score.shape[0]
+    _check_rows("length", length, B, score.device, dtype_kind="int")
+    p = _check_p(p)
+    group = _sync_group(process_group, sync)
+    teacher, K = _teachers(teacher_index, num_teachers, B, score.device, group)
+    return _filter(score.detach(), length > 0, teacher, K, p, group)
 
 
 # ---- fire_token_weights -------------------------------------------------------------
@@ -560,12 +601,17 @@ def group_advantages(
 
     # Pool the rows of each group (Chan et al.), over all ranks when synced.
     ids = group_index.to(torch.int64)
-    n_f = count.to(torch.float64)
-    rows = torch.stack([ids.view(torch.float64), n_f, mean, m2], 1)  # ids travel as raw bits
+    # One int64 message per row; the float64 statistics travel as their raw bits.
+    rows = torch.stack([ids, count, mean.view(torch.int64), m2.view(torch.int64)], 1)
     offset = 0
     if group is not None:
         rows, offset = _all_gather_rows(rows, group, with_offset=True)
-    g_mean, g_std, g_count = _pool_groups(rows[:, 0].contiguous().view(torch.int64), rows[:, 1:])
+    stats = torch.stack([
+        rows[:, 1].to(torch.float64),
+        rows[:, 2].contiguous().view(torch.float64),
+        rows[:, 3].contiguous().view(torch.float64),
+    ], 1)
+    g_mean, g_std, g_count = _pool_groups(rows[:, 0], stats)
     sl = slice(offset, offset + B)
     row_g_mean, row_g_std = g_mean[sl].contiguous(), g_std[sl].contiguous()
 

@@ -34,6 +34,15 @@ class TrajectoryScores(NamedTuple):
     num_dropped: torch.Tensor  # [K] int64 k = floor(p * num_scored / 100), the target drop count
 
 
+class TrajectoryFilter(NamedTuple):
+    """The FiRe-OPD rollout filter alone (see `pyopd.trajectory_filter`)."""
+
+    keep: torch.Tensor  # [B] bool
+    threshold: torch.Tensor  # [K] float64
+    num_scored: torch.Tensor  # [K] int64
+    num_dropped: torch.Tensor  # [K] int64
+
+
 class FireWeights(NamedTuple):
     """FiRe-OPD soft token weights (detached)."""
 
@@ -177,11 +186,14 @@ def fire_token_weights_ref(
         else teacher_index.to(torch.int64)
     )
     K = 1 if teacher_index is None else (num_teachers if num_teachers is not None else int(teacher.max()) + 1)
-    # Maxima over valid positions of kept rollouts, floored at 0; H_t per teacher.
-    ht_v = torch.where(valid, ht, zero)
-    max_t = torch.stack([ht_v[teacher == k].amax() if (teacher == k).any() else zero for k in range(K)])
-    max_t = torch.clamp(max_t, min=0)  # clamp keeps NaN
-    max_s = torch.clamp(torch.where(valid, hs, zero).amax(), min=0) if B else zero
+    # Maxima over valid positions of kept rollouts, floored at 0 (clamp and amax
+    # keep NaN); H_t per teacher, H_s over the batch.
+    T = ht.shape[1]
+    row_t = torch.where(valid, ht, zero).amax(-1) if T else torch.zeros(B, dtype=dtype, device=ht.device)
+    row_s = torch.where(valid, hs, zero).amax(-1) if T else torch.zeros(B, dtype=dtype, device=ht.device)
+    max_t = torch.stack([torch.clamp(row_t[teacher == k].amax(), min=0) if (teacher == k).any() else zero
+                         for k in range(K)])
+    max_s = torch.clamp(row_s.amax(), min=0) if B else zero
     c_t = torch.clamp(1 - _safe_ratio(ht, max_t[teacher].view(B, 1)), 0, 1)
     c_s = torch.clamp(_safe_ratio(hs, max_s), 0, 1)
     w = torch.where(valid, (1 + alpha * c_t) * (1 + beta * c_s), zero)
