@@ -109,7 +109,193 @@ void on_device(int device, Cpu&& cpu, Cuda&& cuda) {
 }
 
 // ---- signals bindings (trajectory_scores, fire_token_weights, group_advantages)
-void bind_signals(py::module_& m) { (void)m; }
+// Defined here rather than with PYOPD_CUDA_CALL below, which this block precedes.
+#ifdef PYOPD_WITH_CUDA
+#define PYOPD_SIGNALS_CUDA(expr) [&]() -> const char* { return expr; }
+#else
+#define PYOPD_SIGNALS_CUDA(expr) []() -> const char* { return nullptr; }
+#endif
+
+void check_float_dtype(DType d, const char* field) {
+  check_dtype(d, field);
+  require(d == DType::kFloat32 || d == DType::kFloat64,
+          std::string(field) + " must be float32 or float64");
+}
+
+// Shape and optional-input checks common to the three signal kernels.
+template <typename P>
+void check_signal_shape(const P& p) {
+  require(p.rows >= 0, "rows must be >= 0");
+  require(p.cols >= 0, "cols must be >= 0");
+  check_float_dtype(p.dtype, "dtype");
+  if (p.mask != nullptr) require(p.mask_row_stride >= p.cols, "mask_row_stride must be >= cols");
+}
+
+void check_row_input(const void* ptr, int64_t stride, int64_t cols, const char* field,
+                     bool required) {
+  if (ptr == nullptr) {
+    require(!required, std::string(field) + " must not be null");
+    return;
+  }
+  require(stride >= cols, std::string(field) + "_row_stride must be >= cols");
+}
+
+void check_trajectory_stats(const TrajectoryStatsParams& p) {
+  check_signal_shape(p);
+  require(p.length != nullptr, "length must not be null");
+  check_row_input(p.teacher_logprob, p.teacher_logprob_row_stride, p.cols, "teacher_logprob", false);
+  check_row_input(p.kl, p.kl_row_stride, p.cols, "kl", false);
+  check_row_input(p.teacher_entropy, p.teacher_entropy_row_stride, p.cols, "teacher_entropy", false);
+  check_row_input(p.student_entropy, p.student_entropy_row_stride, p.cols, "student_entropy", false);
+  require(p.score == nullptr || p.teacher_logprob != nullptr, "score needs teacher_logprob");
+  require(p.mean_kl == nullptr || p.kl != nullptr, "mean_kl needs kl");
+  require((p.mean_teacher_entropy == nullptr && p.max_teacher_entropy == nullptr) ||
+              p.teacher_entropy != nullptr,
+          "mean_teacher_entropy / max_teacher_entropy need teacher_entropy");
+  require((p.mean_student_entropy == nullptr && p.max_student_entropy == nullptr) ||
+              p.student_entropy != nullptr,
+          "mean_student_entropy / max_student_entropy need student_entropy");
+}
+
+void check_fire_weights(const FireWeightsParams& p) {
+  check_signal_shape(p);
+  check_row_input(p.teacher_entropy, p.teacher_entropy_row_stride, p.cols, "teacher_entropy", true);
+  check_row_input(p.student_entropy, p.student_entropy_row_stride, p.cols, "student_entropy", true);
+  require(p.teacher_entropy_max != nullptr, "teacher_entropy_max must not be null");
+  require(p.student_entropy_max != nullptr, "student_entropy_max must not be null");
+  require(p.weight != nullptr, "weight must not be null");
+  require(p.alpha >= 0.0, "alpha must be >= 0");
+  require(p.beta >= 0.0, "beta must be >= 0");
+}
+
+void check_group_adv(const GroupAdvParams& p, bool apply) {
+  check_signal_shape(p);
+  check_row_input(p.teacher_logprob, p.teacher_logprob_row_stride, p.cols, "teacher_logprob", true);
+  check_row_input(p.student_logprob, p.student_logprob_row_stride, p.cols, "student_logprob", true);
+  require(p.clip_low < p.clip_high, "clip_low must be < clip_high");
+  if (apply) {
+    require(p.group_mean != nullptr && p.group_std != nullptr,
+            "group_mean and group_std must not be null");
+    require(p.advantage != nullptr, "advantage must not be null");
+    require(p.eps > 0.0, "eps must be > 0");
+  } else {
+    require(p.row_count != nullptr && p.row_mean != nullptr && p.row_m2 != nullptr,
+            "row_count, row_mean and row_m2 must not be null");
+  }
+}
+
+void bind_signals(py::module_& m) {
+  auto ts = py::class_<TrajectoryStatsParams>(m, "TrajectoryStatsParams").def(py::init<>());
+  ts.def_readwrite("rows", &TrajectoryStatsParams::rows)
+      .def_readwrite("cols", &TrajectoryStatsParams::cols)
+      .def_readwrite("dtype", &TrajectoryStatsParams::dtype)
+      .def_readwrite("mask_row_stride", &TrajectoryStatsParams::mask_row_stride)
+      .def_readwrite("teacher_logprob_row_stride", &TrajectoryStatsParams::teacher_logprob_row_stride)
+      .def_readwrite("kl_row_stride", &TrajectoryStatsParams::kl_row_stride)
+      .def_readwrite("teacher_entropy_row_stride", &TrajectoryStatsParams::teacher_entropy_row_stride)
+      .def_readwrite("student_entropy_row_stride", &TrajectoryStatsParams::student_entropy_row_stride);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, mask);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, teacher_logprob);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, kl);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, teacher_entropy);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, student_entropy);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, length);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, score);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, mean_kl);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, mean_teacher_entropy);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, mean_student_entropy);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, max_teacher_entropy);
+  PYOPD_PTR_FIELD(ts, TrajectoryStatsParams, max_student_entropy);
+
+  auto fw = py::class_<FireWeightsParams>(m, "FireWeightsParams").def(py::init<>());
+  fw.def_readwrite("rows", &FireWeightsParams::rows)
+      .def_readwrite("cols", &FireWeightsParams::cols)
+      .def_readwrite("dtype", &FireWeightsParams::dtype)
+      .def_readwrite("mask_row_stride", &FireWeightsParams::mask_row_stride)
+      .def_readwrite("teacher_entropy_row_stride", &FireWeightsParams::teacher_entropy_row_stride)
+      .def_readwrite("student_entropy_row_stride", &FireWeightsParams::student_entropy_row_stride)
+      .def_readwrite("alpha", &FireWeightsParams::alpha)
+      .def_readwrite("beta", &FireWeightsParams::beta)
+      .def_readwrite("normalize_rows", &FireWeightsParams::normalize_rows);
+  PYOPD_PTR_FIELD(fw, FireWeightsParams, mask);
+  PYOPD_PTR_FIELD(fw, FireWeightsParams, teacher_entropy);
+  PYOPD_PTR_FIELD(fw, FireWeightsParams, student_entropy);
+  PYOPD_PTR_FIELD(fw, FireWeightsParams, keep);
+  PYOPD_PTR_FIELD(fw, FireWeightsParams, teacher_entropy_max);
+  PYOPD_PTR_FIELD(fw, FireWeightsParams, student_entropy_max);
+  PYOPD_PTR_FIELD(fw, FireWeightsParams, weight);
+  PYOPD_PTR_FIELD(fw, FireWeightsParams, row_sum);
+  PYOPD_PTR_FIELD(fw, FireWeightsParams, row_count);
+
+  auto ga = py::class_<GroupAdvParams>(m, "GroupAdvParams").def(py::init<>());
+  ga.def_readwrite("rows", &GroupAdvParams::rows)
+      .def_readwrite("cols", &GroupAdvParams::cols)
+      .def_readwrite("dtype", &GroupAdvParams::dtype)
+      .def_readwrite("mask_row_stride", &GroupAdvParams::mask_row_stride)
+      .def_readwrite("teacher_logprob_row_stride", &GroupAdvParams::teacher_logprob_row_stride)
+      .def_readwrite("student_logprob_row_stride", &GroupAdvParams::student_logprob_row_stride)
+      .def_readwrite("clip_low", &GroupAdvParams::clip_low)
+      .def_readwrite("clip_high", &GroupAdvParams::clip_high)
+      .def_readwrite("bonus", &GroupAdvParams::bonus)
+      .def_readwrite("eps", &GroupAdvParams::eps);
+  PYOPD_PTR_FIELD(ga, GroupAdvParams, mask);
+  PYOPD_PTR_FIELD(ga, GroupAdvParams, teacher_logprob);
+  PYOPD_PTR_FIELD(ga, GroupAdvParams, student_logprob);
+  PYOPD_PTR_FIELD(ga, GroupAdvParams, row_count);
+  PYOPD_PTR_FIELD(ga, GroupAdvParams, row_mean);
+  PYOPD_PTR_FIELD(ga, GroupAdvParams, row_m2);
+  PYOPD_PTR_FIELD(ga, GroupAdvParams, group_mean);
+  PYOPD_PTR_FIELD(ga, GroupAdvParams, group_std);
+  PYOPD_PTR_FIELD(ga, GroupAdvParams, advantage);
+
+  m.def(
+      "trajectory_stats",
+      [](const TrajectoryStatsParams& p, int device, uintptr_t stream) {
+        check_trajectory_stats(p);
+        (void)stream;
+        on_device(
+            device, [&]() { return trajectory_stats_cpu(p); },
+            PYOPD_SIGNALS_CUDA(trajectory_stats_cuda(p, device, reinterpret_cast<void*>(stream))));
+      },
+      py::arg("params"), py::arg("device") = -1, py::arg("stream") = 0,
+      "Per-row masked means / entropy maxima of [B, T] signals. device < 0 is the CPU.");
+  m.def(
+      "fire_weights",
+      [](const FireWeightsParams& p, int device, uintptr_t stream) {
+        check_fire_weights(p);
+        (void)stream;
+        on_device(
+            device, [&]() { return fire_weights_cpu(p); },
+            PYOPD_SIGNALS_CUDA(fire_weights_cuda(p, device, reinterpret_cast<void*>(stream))));
+      },
+      py::arg("params"), py::arg("device") = -1, py::arg("stream") = 0,
+      "FiRe-OPD token weights (optionally mean-1 per row). device < 0 is the CPU.");
+  m.def(
+      "group_reward_moments",
+      [](const GroupAdvParams& p, int device, uintptr_t stream) {
+        check_group_adv(p, /*apply=*/false);
+        (void)stream;
+        on_device(
+            device, [&]() { return group_reward_moments_cpu(p); },
+            PYOPD_SIGNALS_CUDA(
+                group_reward_moments_cuda(p, device, reinterpret_cast<void*>(stream))));
+      },
+      py::arg("params"), py::arg("device") = -1, py::arg("stream") = 0,
+      "COPSD pass 1: per-row count, mean, M2 of the clipped reward. device < 0 is the CPU.");
+  m.def(
+      "group_advantages_apply",
+      [](const GroupAdvParams& p, int device, uintptr_t stream) {
+        check_group_adv(p, /*apply=*/true);
+        (void)stream;
+        on_device(
+            device, [&]() { return group_advantages_apply_cpu(p); },
+            PYOPD_SIGNALS_CUDA(
+                group_advantages_apply_cuda(p, device, reinterpret_cast<void*>(stream))));
+      },
+      py::arg("params"), py::arg("device") = -1, py::arg("stream") = 0,
+      "COPSD pass 2: (r - group mean) / (group std + eps). device < 0 is the CPU.");
+}
+#undef PYOPD_SIGNALS_CUDA
 // ---- end signals bindings
 
 }  // namespace

@@ -1,0 +1,210 @@
+"""Shared pieces of the losses: argument checks, masked aggregation, the PPO surrogate."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---- argument checks ----------------------------------------------------------------
+
+
+def check_2d(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, seqlen), got {tuple(x.shape)}")
+
+
+def check_like(name: str, x, like: torch.Tensor, like_name: str, *, floating: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
+
+
+def check_rows(name: str, x, B: int, device: torch.device, *, kind: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if kind == "bool" and x.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
+    if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if x.dim() != 1 or x.shape[0] != B:
+        raise ValueError(f"{name} must have shape ({B},) (one entry per rollout), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but logprob is on {device}")
+
+
+def check_number(name: str, v, *, lo: Optional[float] = None, lo_open: bool = False,
+                 hi: Optional[float] = None, hi_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v}")
+    return v
+
+
+def as_mask(mask: Optional[torch.Tensor], like: torch.Tensor, like_name: str = "logprob") -> torch.Tensor:
+    """[B, T] bool response mask (nonzero = valid); None = all valid."""
+    if mask is None:
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    check_like("mask", mask, like, like_name, floating=False)
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def select_teacher(name: str, x: Optional[torch.Tensor], teacher_index: Optional[torch.Tensor], B: int):
+    """Each sample's own teacher's signal: x[teacher_index[i], i] for [K, B, T] x; [B, T] x as is."""
+    if x is None or x.dim() != 3:
+        return x
+    if teacher_index is None:
+        raise ValueError(f"{name} has shape (teachers, batch, seqlen) {tuple(x.shape)}: pass teacher_index")
+    check_rows("teacher_index", teacher_index, B, x.device, kind="int")
+    if x.shape[1] != B:
+        raise ValueError(f"{name} must have shape (teachers, {B}, seqlen), got {tuple(x.shape)}")
+    idx = teacher_index.to(torch.int64)
+    if B and (int(idx.min()) < 0 or int(idx.max()) >= x.shape[0]):
+        raise ValueError(f"teacher_index must lie in [0, {x.shape[0]}) for {name} of {x.shape[0]} teachers")
+    return x[idx, torch.arange(B, device=x.device)]
+
+
+def check_ppo_args(clip_ratio, clip_ratio_low, clip_ratio_high, dual_clip, agg, denominator):
+    eps = check_number("clip_ratio", clip_ratio, lo=0.0)
+    lo = eps if clip_ratio_low is None else check_number("clip_ratio_low", clip_ratio_low, lo=0.0)
+    hi = eps if clip_ratio_high is None else check_number("clip_ratio_high", clip_ratio_high, lo=0.0)
+    if lo > 1.0:
+        raise ValueError(f"clip_ratio_low must be <= 1 (the ratio is clipped below at 1 - clip_ratio_low), got {lo}")
+    if dual_clip is not None:
+        dual_clip = check_number("dual_clip", dual_clip, lo=1.0, lo_open=True)
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if denominator is not None:
+        denominator = check_number("denominator", denominator, lo=0.0, lo_open=True)
+    return lo, hi, dual_clip, denominator
+
+
+# ---- aggregation --------------------------------------------------------------------
+
+
+def aggregate_loss(
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str = "token-mean",
+    *,
+    denominator: Optional[float] = None,
+) -> torch.Tensor:
+    """Scalar from a [B, T] per-token loss over the positions where `mask` [B, T] bool is true.
+
+    token-mean:           sum_{i,t} l / D, D = number of valid tokens
+    seq-mean-token-mean:  sum_i (sum_t l / n_i) / D, D = rows with n_i > 0
+    seq-mean-token-sum:   sum_{i,t} l / D, D = rows with n_i > 0
+
+    Rows without valid positions count nowhere (no NaN); an empty batch gives 0.
+    `denominator` replaces D: when one batch is split into micro-batches for
+    gradient accumulation, pass the whole batch's D to every micro-batch and the
+    micro-batch losses sum to the whole-batch loss (and gradient).
+    """
+    zero = torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device)
+    masked = torch.where(mask, loss_mat, zero)  # select: a NaN / inf at padding stays out
+    n = mask.sum(-1)
+    if agg == "token-mean":
+        num, den = masked.sum(), n.sum()
+    elif agg == "seq-mean-token-mean":
+        num = (masked.sum(-1) / n.clamp(min=1).to(loss_mat.dtype)).sum()
+        den = (n > 0).sum()
+    elif agg == "seq-mean-token-sum":
+        num, den = masked.sum(), (n > 0).sum()
+    else:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if denominator is not None:
+        return num / denominator
+    return num / den.clamp(min=1).to(loss_mat.dtype)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(mask, x, zero).sum() / mask.sum().clamp(min=1).to(x.dtype)
+
+
+# ---- PPO surrogate ------------------------------------------------------------------
+
+
+def ppo_terms(
+    logprob: torch.Tensor,
+    old_logprob: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: Optional[float],
+    agg: str,
+    denominator: Optional[float],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate (verl's formulation) and its diagnostics as 0-d tensors.
+
+    ratio = exp(clamp(logp - logp_old, -20, 20)); per token
+    l = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high)), and with a
+    dual clip c, l = min(l, -c A) where A < 0 (bounds the loss of a negative
+    advantage when the ratio explodes).
+    """
+    adv = advantages.detach()
+    log_ratio = torch.clamp(logprob - old_logprob.detach(), min=-20.0, max=20.0)
+    ratio = torch.exp(log_ratio)
+    l1 = -adv * ratio
+    l2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    l12 = torch.maximum(l1, l2)
+    per_token = l12
+    metrics = {
+        "pg_clipfrac": masked_mean((l2 > l1).to(log_ratio.dtype), mask),
+        "ppo_kl": masked_mean(-log_ratio.detach(), mask),
+    }
+    if dual_clip is not None:
+        l3 = -adv * dual_clip
+        neg = adv < 0
+        per_token = torch.where(neg, torch.minimum(l12, l3), l12)
+        metrics["pg_clipfrac_lower"] = masked_mean(((l12 > l3) & neg).to(log_ratio.dtype), mask)
+    loss = aggregate_loss(per_token, mask, agg, denominator=denominator)
+    metrics["pg_loss"] = loss.detach()
+    return loss, metrics
+
+
+def to_floats(metrics: dict) -> dict[str, float]:
+    """Plain floats for a logger, with one device sync for all tensor entries."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+    if keys:
+        vals = torch.stack([metrics[k].detach().to(torch.float64).reshape(()) for k in keys]).cpu().tolist()
+        out.update(zip(keys, vals))
+    return {k: out[k] for k in metrics}
+
+
+def token_stats(x: torch.Tensor, mask: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    """mean / min / max of x over mask (0 for an empty mask), without a device sync."""
+    x = x.detach()
+    if x.numel() == 0:
+        z = torch.zeros((), dtype=x.dtype, device=x.device)
+        return {f"{prefix}_mean": z, f"{prefix}_min": z, f"{prefix}_max": z}
+    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    any_ = mask.any()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return {
+        f"{prefix}_mean": masked_mean(x, mask),
+        f"{prefix}_min": torch.where(any_, torch.where(mask, x, inf).amin(), zero),
+        f"{prefix}_max": torch.where(any_, torch.where(mask, x, -inf).amax(), zero),
+    }

@@ -1,0 +1,132 @@
+"""COPSD: distillation from a constitution-conditioned teacher with dense group advantages.
+
+DESIGN.md section 4. The teacher scores the student's rollout with the
+constitution wrapped around the prompt (the caller builds that input); this
+module turns the per-token log-probs into the loss.
+
+Micro-batching: the group statistics pool every rollout of a prompt, so
+compute `pyopd.group_advantages` once on the whole batch (across ranks when
+torch.distributed is initialised) and pass slices of `.advantage` as
+`advantages=` with the whole batch's `denominator`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from pyopd.losses._common import (
+    aggregate_loss,
+    as_mask,
+    check_2d,
+    check_like,
+    check_number,
+    check_ppo_args,
+    check_rows,
+    masked_mean,
+    ppo_terms,
+    to_floats,
+    token_stats,
+)
+from pyopd.ops.signals import group_advantages
+
+__all__ = ["copsd_loss", "k3_kl"]
+
+
+def k3_kl(logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || ref): exp(r - l) - (r - l) - 1 >= 0, r - l clamped to [-20, 20]."""
+    d = torch.clamp(ref_logprob.detach() - logprob, min=-20.0, max=20.0)
+    return torch.exp(d) - d - 1.0
+
+
+def copsd_loss(
+    logprob: torch.Tensor,
+    old_logprob: Optional[torch.Tensor],
+    teacher_logprob: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor] = None,
+    group_index: Optional[torch.Tensor] = None,
+    *,
+    advantages: Optional[torch.Tensor] = None,
+    ref_logprob: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.005,
+    reward_clip: tuple[float, float] = (-3.0, 5.0),
+    reward_bonus: float = 0.02,
+    adv_eps: float = 1e-6,
+    clip_ratio: float = 0.2,
+    clip_ratio_low: Optional[float] = None,
+    clip_ratio_high: Optional[float] = None,
+    dual_clip: Optional[float] = 3.0,
+    agg: str = "token-mean",
+    denominator: Optional[float] = None,
+    process_group=None,
+    sync: Optional[bool] = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """COPSD loss: dense group advantage + PPO (clip 0.2, dual clip 3) + k3 KL to a reference.
+
+    Args:
+        logprob: [B, T] student log-prob of the sampled token (with grad).
+        old_logprob: [B, T] rollout policy's; None = logprob.detach().
+        teacher_logprob: [B, T] constitution-conditioned teacher's log-prob;
+            may be None when `advantages` is given.
+        mask: [B, T] response mask; None = all valid.
+        group_index: [B] int prompt id of each rollout (for the group advantage).
+        advantages: [B, T] precomputed `pyopd.group_advantages(...).advantage`
+            of the whole batch (micro-batch path); replaces group_index.
+        ref_logprob: [B, T] log-prob under the initial student; None = no KL term.
+        kl_coef: weight of the k3 KL term (0.005).
+        reward_clip, reward_bonus, adv_eps: r_t = clip(log q - log p_old, *reward_clip)
+            + reward_bonus; A = (r - group mean) / (group std + adv_eps).
+        PPO arguments as in `ppo_policy_loss`.
+
+    Loss = PPO(A) + kl_coef * agg(k3), both aggregated with `agg` / `denominator`.
+    Metrics: the PPO ones, advantage_mean/min/max, num_tokens, and when
+    computed here reward_mean and group_std_mean; kl_ref and kl_loss with a
+    reference.
+    """
+    check_2d("logprob", logprob)
+    B = logprob.shape[0]
+    old = logprob.detach() if old_logprob is None else old_logprob.detach()
+    if old_logprob is not None:
+        check_like("old_logprob", old_logprob, logprob, "logprob")
+    m = as_mask(mask, logprob)
+    lo, hi, dual_clip, denominator = check_ppo_args(
+        clip_ratio, clip_ratio_low, clip_ratio_high, dual_clip, agg, denominator
+    )
+    kl_coef = check_number("kl_coef", kl_coef, lo=0.0)
+    metrics: dict = {}
+    if advantages is None:
+        if group_index is None or teacher_logprob is None:
+            raise ValueError("copsd_loss needs teacher_logprob and group_index, or precomputed advantages")
+        check_like("teacher_logprob", teacher_logprob, logprob, "logprob")
+        check_rows("group_index", group_index, B, logprob.device, kind="int")
+        if not (isinstance(reward_clip, (tuple, list)) and len(reward_clip) == 2):
+            raise ValueError(f"reward_clip must be a (low, high) pair, got {reward_clip!r}")
+        ga = group_advantages(
+            teacher_logprob, old, m, group_index, clip_low=reward_clip[0], clip_high=reward_clip[1],
+            bonus=reward_bonus, eps=adv_eps, process_group=process_group, sync=sync,
+        )
+        adv = ga.advantage.to(old.dtype)
+        nonempty = m.any(-1)
+        w = m.sum(-1).to(torch.float64)
+        metrics["reward_mean"] = (ga.reward_mean * w).sum() / w.sum().clamp(min=1)
+        metrics["group_std_mean"] = masked_mean(ga.group_std, nonempty)
+    else:
+        if group_index is not None:
+            raise ValueError("pass either advantages or group_index, not both")
+        check_like("advantages", advantages, logprob, "logprob")
+        adv = advantages.detach()
+    loss, pg_metrics = ppo_terms(
+        logprob, old, adv, m, clip_low=lo, clip_high=hi, dual_clip=dual_clip, agg=agg, denominator=denominator
+    )
+    metrics.update(pg_metrics)
+    metrics.update(token_stats(adv, m, "advantage"))
+    metrics["num_tokens"] = m.sum()
+    if ref_logprob is not None:
+        check_like("ref_logprob", ref_logprob, logprob, "logprob")
+        k3 = k3_kl(logprob, ref_logprob)
+        kl_loss = aggregate_loss(k3, m, agg, denominator=denominator)
+        metrics["kl_ref"] = masked_mean(k3.detach(), m)
+        metrics["kl_loss"] = kl_loss.detach()
+        loss = loss + kl_coef * kl_loss
+    metrics["loss"] = loss.detach()
+    return loss, to_floats(metrics)
