@@ -17,19 +17,37 @@ def cuda_available() -> bool:
 
 
 from pyopd.ops import (  # noqa: E402  (after _C is loaded)
+    FireWeights,
+    GroupAdvantages,
     ReverseKL,
     TokenStats,
+    TrajectoryFilter,
+    TrajectoryScores,
+    fire_token_weights,
+    group_advantages,
     reverse_kl,
     reverse_kl_backward,
     token_stats,
+    trajectory_filter,
+    trajectory_scores,
 )
+from pyopd import losses  # noqa: E402
 
 __all__ = [
+    "FireWeights",
+    "GroupAdvantages",
     "ReverseKL",
     "TokenStats",
+    "TrajectoryFilter",
+    "TrajectoryScores",
     "build_info",
     "cuda_available",
+    "fire_token_weights",
+    "group_advantages",
+    "losses",
     "reverse_kl",
     "reverse_kl_backward",
     "token_stats",
+    "trajectory_filter",
+    "trajectory_scores",
 ]

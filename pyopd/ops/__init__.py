@@ -2,14 +2,40 @@
 from __future__ import annotations
 
 from pyopd.ops.reference import ReverseKL, TokenStats, reverse_kl_ref, token_stats_ref
+from pyopd.ops.signals import (
+    FireWeights,
+    GroupAdvantages,
+    TrajectoryFilter,
+    TrajectoryScores,
+    fire_token_weights,
+    group_advantages,
+    trajectory_filter,
+    trajectory_scores,
+)
+from pyopd.ops.signals_reference import (
+    fire_token_weights_ref,
+    group_advantages_ref,
+    trajectory_scores_ref,
+)
 from pyopd.ops.vocab import reverse_kl, reverse_kl_backward, token_stats
 
 __all__ = [
+    "FireWeights",
+    "GroupAdvantages",
     "ReverseKL",
     "TokenStats",
+    "TrajectoryFilter",
+    "TrajectoryScores",
+    "fire_token_weights",
+    "fire_token_weights_ref",
+    "group_advantages",
+    "group_advantages_ref",
     "reverse_kl",
     "reverse_kl_backward",
     "reverse_kl_ref",
     "token_stats",
     "token_stats_ref",
+    "trajectory_filter",
+    "trajectory_scores",
+    "trajectory_scores_ref",
 ]
