@@ -34,6 +34,9 @@ namespace {
 using cpu::load_as_float;
 
 constexpr int64_t kTile = 512;
+// Below this many logits a parallel region costs more than it saves (waking
+// the pool can take milliseconds on a loaded machine).
+constexpr int64_t kParallelMinElems = int64_t(1) << 16;
 
 // The exp must be inlined into the SIMD loops: called out of line it runs one
 // lane at a time (seen in perf as 60% of the forward in a scalar `vexp`).
@@ -203,7 +206,7 @@ void fwd_rows(const VocabStatsFwdParams& p) {
   const int64_t V = p.vocab, Vt = kTeacher ? p.teacher_vocab : 0;
   const Acc inv_t = static_cast<Acc>(p.inv_temperature);
 
-#pragma omp parallel
+#pragma omp parallel if (p.n_rows * (V + Vt) >= kParallelMinElems)
   {
     Tile<Acc> xs, ys;
 #pragma omp for schedule(dynamic, 4)
@@ -299,7 +302,7 @@ void bwd_rows(const VocabStatsBwdParams& p) {
   };
   G* grad = static_cast<G*>(p.grad_student);
 
-#pragma omp parallel
+#pragma omp parallel if (p.n_rows * V >= kParallelMinElems)
   {
     Tile<Acc> xs, ys;
     Tile<Acc> gs;
