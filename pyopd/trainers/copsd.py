@@ -1,0 +1,185 @@
+"""COPSD: Cross-SFT cold start, then constitution-conditioned on-policy distillation.
+
+Stage 1 (`cross_sft`): the teacher is a copy of the model fine-tuned for a few
+epochs (default 2) on a mix of the student's OWN answers to benign and
+benign-but-alarming prompts and constitution-following answers to unsafe
+prompts (from a stronger model or a given dataset), always with the
+constitution in its context. It learns to keep the student's helpful
+behaviour where the constitution does not object.
+
+Stage 2: the student samples on the bare prompt; the frozen teacher scores
+the same tokens with the constitution wrapped around the prompt. The loss is
+`pyopd.losses.copsd_loss` (dense group advantage, PPO with dual clip, k3 KL to
+the initial student) through the shared `OPDTrainer` (loss="copsd"), or the
+analytic full-vocabulary reverse KL to the conditioned teacher (loss="rkl").
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+SLOT = "{user_query}"
+CATEGORIES = ("benign", "over_refusal", "unsafe")
+
+# Shipped with pyopd for real models; our own words. The built-in toy task uses
+# the short rule in `pyopd.tasks.safety.CONSTITUTION`, which its models can read.
+DEFAULT_CONSTITUTION = """You are a helpful assistant that follows this constitution.
+1. Help fully and accurately with every request that is safe, including requests that
+   merely mention a sensitive word, quote it, or ask about it for learning or safety.
+2. Decline requests whose main purpose is to cause serious harm to people, property or
+   systems (weapons, intrusion, theft, fraud, abuse). Decline briefly, without lecturing,
+   and offer a safe alternative when there is one.
+3. Do not refuse because a request looks alarming; judge what is actually asked.
+
+User request:
+{user_query}"""
+
+
+class ConstitutionError(ValueError):
+    """A constitution template that cannot be used."""
+
+
+def load_constitution(path: Optional[str]) -> str:
+    """The template text from ``path`` (the shipped default for None); checks its slot."""
+    if path is None:
+        return DEFAULT_CONSTITUTION
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConstitutionError(f"constitution file {str(p)!r} does not exist")
+    text = p.read_text()
+    return check_template(text, str(p))
+
+
+def check_template(text: str, where: str = "constitution") -> str:
+    if not text.strip():
+        raise ConstitutionError(f"{where} is empty")
+    n = text.count(SLOT)
+    if n != 1:
+        raise ConstitutionError(f"{where} must contain the slot {SLOT} exactly once (found {n})")
+    return text
+
+
+def wrap(template: str, user_query: str) -> str:
+    """The teacher's context: the template with the user prompt in its slot."""
+    return template.replace(SLOT, user_query)
+
+
+# ----------------------------------------------------------------------------- Cross-SFT data
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    prompt: str      # what the model being fine-tuned sees (constitution-wrapped for Cross-SFT)
+    response: str    # the target completion
+    category: str    # benign | over_refusal | unsafe
+    source: str      # "student" (its own answer) or "frontier" (constitution-following)
+
+
+def build_cross_sft_set(prompts: Sequence[tuple[str, str]], student_answer: Callable[[list[str]], list[str]],
+                        frontier_answers: dict[str, str], template: str) -> list[SFTRecord]:
+    """Cross-SFT records from (category, user prompt) pairs.
+
+    benign and over-refusal prompts take the student's own answer to the BARE
+    prompt; unsafe prompts take the frontier (constitution-following) answer.
+    Every record's prompt is the constitution-wrapped one: the constitution is
+    only ever in the teacher's context.
+    """
+    check_template(template)
+    bad = sorted({c for c, _ in prompts} - set(CATEGORIES))
+    if bad:
+        raise ValueError(f"unknown prompt categories {bad}; expected {CATEGORIES}")
+    own = [q for c, q in prompts if c != "unsafe"]
+    answers = dict(zip(own, student_answer(own))) if own else {}
+    records = []
+    for cat, q in prompts:
+        if cat == "unsafe":
+            if q not in frontier_answers:
+                raise ValueError(f"no frontier answer for unsafe prompt {q!r}")
+            records.append(SFTRecord(wrap(template, q), frontier_answers[q], cat, "frontier"))
+        else:
+            records.append(SFTRecord(wrap(template, q), answers[q], cat, "student"))
+    return records
+
+
+def sft_epochs(model, tokenizer, records: Sequence[SFTRecord], epochs: int = 2, batch_size: int = 32,
+               lr: float = 5e-4, seed: int = 0) -> list[float]:
+    """Plain SFT on fixed records (loss on the response + EOS only); returns per-step losses."""
+    from pyopd.tasks.base import Example
+    from pyopd.tasks.recipe import answer_loss, sft_batch
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not records:
+        raise ValueError("no SFT records")
+    exs = [Example(r.prompt, r.response, r.response) for r in records]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        order = list(range(len(exs)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            batch = sft_batch(tokenizer, [exs[j] for j in order[i:i + batch_size]])
+            loss = answer_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+def _ngrams(tokens: Sequence, n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu(hyp: Sequence, refs: Sequence[Sequence], max_n: int = 4) -> float:
+    """Sentence BLEU with add-one smoothing for n > 1 (Lin & Och 2004) and the brevity penalty."""
+    if not hyp or not refs:
+        return 0.0
+    logs = []
+    for n in range(1, max_n + 1):
+        h = _ngrams(hyp, n)
+        total = sum(h.values())
+        if total == 0:
+            break
+        best = Counter()
+        for r in refs:
+            for g, c in _ngrams(r, n).items():
+                best[g] = max(best[g], c)
+        match = sum(min(c, best[g]) for g, c in h.items())
+        if n == 1:
+            if match == 0:
+                return 0.0
+            logs.append(math.log(match / total))
+        else:
+            logs.append(math.log((match + 1) / (total + 1)))
+    ref_len = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+    bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / len(hyp))
+    return bp * math.exp(sum(logs) / len(logs))
+
+
+def self_bleu(group: Sequence[Sequence]) -> float:
+    """Mean BLEU of each response against the others of its group (1.0 = all identical)."""
+    if len(group) < 2 or all(list(g) == list(group[0]) for g in group):
+        return 1.0  # identical (also all-empty) responses have no diversity
+    return sum(bleu(g, group[:i] + group[i + 1:]) for i, g in enumerate(group)) / len(group)
+
+
+def diversity(groups: Sequence[Sequence[Sequence]]) -> float:
+    """1 - self-BLEU, averaged over groups of responses to one prompt."""
+    groups = [g for g in groups if len(g) >= 2]
+    if not groups:
+        return float("nan")
+    return 1.0 - sum(self_bleu(list(g)) for g in groups) / len(groups)
