@@ -99,7 +99,8 @@ __device__ __forceinline__ void row_reduce(RowState<Acc>& st, RowState<Acc>* red
 // loop only matters for grids beyond 2^31 - 1 blocks.
 
 template <typename S, typename T, int TPR>
-__global__ void __launch_bounds__(kBlock, kMinBlocks<acc_t<S>>) vocab_stats_fwd_kernel(const VocabStatsFwdParams p) {
+__global__ void __launch_bounds__(kBlock, kMinBlocks<acc_t<S>>)
+    vocab_stats_fwd_kernel(const VocabStatsFwdParams p) {
   using Acc = acc_t<S>;
   constexpr bool kTeacher = !std::is_same<T, NoTeacher>::value;
   constexpr int kRowsPerBlock = kBlock / TPR;
@@ -121,7 +122,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<acc_t<S>>) vocab_stats_fwd_
 }
 
 template <typename S, typename T, typename G, int TPR>
-__global__ void __launch_bounds__(kBlock, kMinBlocks<acc_t<S>>) vocab_stats_bwd_kernel(const VocabStatsBwdParams p) {
+__global__ void __launch_bounds__(kBlock, kMinBlocks<acc_t<S>>)
+    vocab_stats_bwd_kernel(const VocabStatsBwdParams p) {
   constexpr int kRowsPerBlock = kBlock / TPR;
   const int tid = threadIdx.x % TPR;
   for (int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR; r < p.n_rows;
@@ -180,21 +182,24 @@ const char* launch_bwd(const VocabStatsBwdParams& p, cudaStream_t stream) {
   return last_error();
 }
 
-// Makes `device` current for the launch and restores the caller's device.
+// Makes `device` current for the launch and gives the caller's back after.
 struct DeviceScope {
-  int prev = -1;
+  int restore = -1;  // the caller's device, when it had to be changed
   const char* error = nullptr;
   explicit DeviceScope(int device) {
+    int prev = -1;
     cudaError_t e = cudaGetDevice(&prev);
-    if (e == cudaSuccess && prev != device) e = cudaSetDevice(device);
+    if (e == cudaSuccess && prev != device) {
+      e = cudaSetDevice(device);
+      if (e == cudaSuccess) restore = prev;
+    }
     if (e != cudaSuccess) {
       error = cudaGetErrorString(e);
-      prev = -1;
       cudaGetLastError();  // do not leave the error for an unrelated later check
     }
   }
   ~DeviceScope() {
-    if (prev >= 0) cudaSetDevice(prev);
+    if (restore >= 0) cudaSetDevice(restore);
   }
 };
 
