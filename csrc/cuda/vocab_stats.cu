@@ -1,8 +1,26 @@
-// CUDA kernels for token_stats / reverse_kl.
+// CUDA kernels for token_stats / reverse_kl (forward and backward).
+//
+// Memory-bound by design: the forward reads each row once (online max and
+// sum-exp, vocab_stats_core.cuh), the backward reads it once more and writes
+// the gradient. Launch shapes:
+//   - rows longer than kWarpRowMax ids: one 256-thread block per row; the
+//     per-thread states are merged by warp shuffles, then across the 8 warps
+//     through shared memory;
+//   - shorter rows: one warp per row, 8 rows per block, shuffles only.
+// Rows are walked in 16-byte chunks when the row pointers allow it (checked
+// per row, after a scalar head that aligns the student pointer), else element
+// by element. Masked rows write zeros and read no logits.
+//
+// Each row is done by one block (or warp); very long rows are not split over
+// several blocks, so a launch with few rows uses few SMs.
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
 
 #include "pyopd/runtime.h"
 #include "pyopd/vocab_stats.h"
+#include "vocab_stats_core.cuh"
 
 namespace pyopd {
 
@@ -15,7 +33,238 @@ int cuda_device_count() {
   return n;
 }
 
-const char* vocab_stats_fwd_cuda(const VocabStatsFwdParams&, int, void*) { return "not implemented"; }
-const char* vocab_stats_bwd_cuda(const VocabStatsBwdParams&, int, void*) { return "not implemented"; }
+namespace vs_cuda {
+namespace {
+
+constexpr int kBlock = 256;
+// Resident blocks per SM the register budget must allow: 4 x 256 threads with
+// <= 64 registers each. Stating it also makes ptxas issue a step's loads
+// together (without it, it trades them for fewer registers and serialises
+// them with the compute); float64 needs more registers.
+template <typename Acc> constexpr int kMinBlocks = sizeof(Acc) == 8 ? 2 : 4;
+constexpr int kWarpRowMax = 4096;   // longest row given to a single warp
+constexpr int64_t kMaxRow = 1 << 30;  // ids are int inside a row
+
+// ---- reductions of RowState ---------------------------------------------------
+
+template <typename Acc> __device__ __forceinline__ Acc shfl_xor(Acc v, int lane_mask) {
+  return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+}
+
+// Butterfly over groups of kLanes lanes: every lane of a group ends with the
+// merge of the group's states. All 32 lanes must call it.
+template <int kLanes, bool kTeacher, typename Acc>
+__device__ __forceinline__ void warp_reduce(RowState<Acc>& st) {
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off /= 2) {
+    RowState<Acc> o;
+    o.s.m = shfl_xor(st.s.m, off);
+    o.s.Z = shfl_xor(st.s.Z, off);
+    o.s.A = shfl_xor(st.s.A, off);
+    if constexpr (kTeacher) {
+      o.t.m = shfl_xor(st.t.m, off);
+      o.t.Z = shfl_xor(st.t.Z, off);
+      o.t.A = shfl_xor(st.t.A, off);
+      o.D = shfl_xor(st.D, off);
+    } else {
+      o.t = st.t;
+      o.D = st.D;
+    }
+    merge<kTeacher>(st, o);
+  }
+}
+
+// Merges the TPR states of a row into thread 0 of the row. For TPR == kBlock
+// every thread of the block must call it (it synchronises).
+template <int TPR, bool kTeacher, typename Acc>
+__device__ __forceinline__ void row_reduce(RowState<Acc>& st, RowState<Acc>* red) {
+  warp_reduce<32, kTeacher>(st);
+  if constexpr (TPR > 32) {
+    static_assert(TPR == kBlock, "a multi-warp row spans the whole block");
+    constexpr int kWarps = TPR / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) red[warp] = st;
+    __syncthreads();
+    if (warp == 0) {
+      st = lane < kWarps ? red[lane] : empty_state<Acc>();
+      warp_reduce<kWarps, kTeacher>(st);
+    }
+  } else {
+    (void)red;
+  }
+}
+
+// ---- kernels ---------------------------------------------------------------------
+// Rows are assigned TPR threads each (kBlock / TPR rows per block); the row
+// loop only matters for grids beyond 2^31 - 1 blocks.
+
+template <typename S, typename T, int TPR>
+__global__ void __launch_bounds__(kBlock, kMinBlocks<acc_t<S>>)
+    vocab_stats_fwd_kernel(const VocabStatsFwdParams p) {
+  using Acc = acc_t<S>;
+  constexpr bool kTeacher = !std::is_same<T, NoTeacher>::value;
+  constexpr int kRowsPerBlock = kBlock / TPR;
+  constexpr int kWarps = TPR / 32;
+  __shared__ RowState<Acc> red[kWarps];
+  const int tid = threadIdx.x % TPR;
+  for (int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR; r < p.n_rows;
+       r += int64_t(gridDim.x) * kRowsPerBlock) {
+    // Uniform over the row's threads, so the block-wide syncs stay matched.
+    if (p.mask != nullptr && !p.mask[r]) {
+      if (tid == 0) write_fwd_zeros<Acc>(p, r, kTeacher);
+      continue;
+    }
+    RowState<Acc> st = fwd_row_part<S, T, TPR>(p, r, tid);
+    row_reduce<TPR, kTeacher>(st, red);
+    if (tid == 0) finalize_fwd<S, T>(p, r, st);
+    if constexpr (kWarps > 1) __syncthreads();  // `red` is reused by the next row
+  }
+}
+
+template <typename S, typename T, typename G, int TPR>
+__global__ void __launch_bounds__(kBlock, kMinBlocks<acc_t<S>>)
+    vocab_stats_bwd_kernel(const VocabStatsBwdParams p) {
+  constexpr int kRowsPerBlock = kBlock / TPR;
+  const int tid = threadIdx.x % TPR;
+  for (int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR; r < p.n_rows;
+       r += int64_t(gridDim.x) * kRowsPerBlock) {
+    bwd_row_part<S, T, G, TPR>(p, r, tid);
+  }
+}
+
+// ---- host side -------------------------------------------------------------------
+
+template <typename T> struct Tag { using type = T; };
+
+// Calls f(Tag<storage type>) for a dtype tag.
+template <typename F> const char* with_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat32: return f(Tag<float>{});
+    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
+    case DType::kFloat16: return f(Tag<__half>{});
+    case DType::kFloat64: return f(Tag<double>{});
+  }
+  return "unknown dtype tag";
+}
+
+// float64 comes only as a pair (student with teacher, logits with gradient).
+template <typename A, typename B>
+constexpr bool kPairOk = std::is_same<A, double>::value == std::is_same<B, double>::value;
+
+const char* last_error() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+unsigned int grid_for(int64_t n_rows, int rows_per_block) {
+  const int64_t blocks = (n_rows + rows_per_block - 1) / rows_per_block;
+  return static_cast<unsigned int>(blocks < 0x7fffffff ? blocks : 0x7fffffff);  // rows loop past it
+}
+
+template <typename S, typename T>
+const char* launch_fwd(const VocabStatsFwdParams& p, cudaStream_t stream) {
+  const int64_t longest = std::is_same<T, NoTeacher>::value ? p.vocab : p.teacher_vocab;
+  if (longest <= kWarpRowMax) {
+    vocab_stats_fwd_kernel<S, T, 32><<<grid_for(p.n_rows, kBlock / 32), kBlock, 0, stream>>>(p);
+  } else {
+    vocab_stats_fwd_kernel<S, T, kBlock><<<grid_for(p.n_rows, 1), kBlock, 0, stream>>>(p);
+  }
+  return last_error();
+}
+
+template <typename S, typename T, typename G>
+const char* launch_bwd(const VocabStatsBwdParams& p, cudaStream_t stream) {
+  if (p.vocab <= kWarpRowMax) {
+    vocab_stats_bwd_kernel<S, T, G, 32><<<grid_for(p.n_rows, kBlock / 32), kBlock, 0, stream>>>(p);
+  } else {
+    vocab_stats_bwd_kernel<S, T, G, kBlock><<<grid_for(p.n_rows, 1), kBlock, 0, stream>>>(p);
+  }
+  return last_error();
+}
+
+// Makes `device` current for the launch and gives the caller's back after.
+struct DeviceScope {
+  int restore = -1;  // the caller's device, when it had to be changed
+  const char* error = nullptr;
+  explicit DeviceScope(int device) {
+    int prev = -1;
+    cudaError_t e = cudaGetDevice(&prev);
+    if (e == cudaSuccess && prev != device) {
+      e = cudaSetDevice(device);
+      if (e == cudaSuccess) restore = prev;
+    }
+    if (e != cudaSuccess) {
+      error = cudaGetErrorString(e);
+      cudaGetLastError();  // do not leave the error for an unrelated later check
+    }
+  }
+  ~DeviceScope() {
+    if (restore >= 0) cudaSetDevice(restore);
+  }
+};
+
+template <typename P> const char* check_sizes(const P& p) {
+  if (p.vocab <= 0 || p.vocab > kMaxRow) return "vocab must be in [1, 2^30] for the CUDA kernels";
+  if (p.teacher != nullptr && (p.teacher_vocab < p.vocab || p.teacher_vocab > kMaxRow)) {
+    return "teacher_vocab must be in [vocab, 2^30] for the CUDA kernels";
+  }
+  return nullptr;
+}
+
+}  // namespace
+}  // namespace vs_cuda
+
+const char* vocab_stats_fwd_cuda(const VocabStatsFwdParams& p, int device, void* stream) {
+  using namespace vs_cuda;
+  if (p.n_rows <= 0) return nullptr;
+  if (const char* e = check_sizes(p)) return e;
+  DeviceScope scope(device);
+  if (scope.error != nullptr) return scope.error;
+  const auto s = static_cast<cudaStream_t>(stream);
+  return with_dtype(p.student_dtype, [&](auto ts) -> const char* {
+    using S = typename decltype(ts)::type;
+    if (p.teacher == nullptr) return launch_fwd<S, NoTeacher>(p, s);
+    return with_dtype(p.teacher_dtype, [&](auto tt) -> const char* {
+      using T = typename decltype(tt)::type;
+      if constexpr (kPairOk<S, T>) {
+        return launch_fwd<S, T>(p, s);
+      } else {
+        return "float64 logits need both student and teacher in float64";
+      }
+    });
+  });
+}
+
+const char* vocab_stats_bwd_cuda(const VocabStatsBwdParams& p, int device, void* stream) {
+  using namespace vs_cuda;
+  if (p.n_rows <= 0) return nullptr;
+  if (const char* e = check_sizes(p)) return e;
+  if (p.grad_kl != nullptr && (p.teacher == nullptr || p.kl == nullptr)) {
+    return "grad_kl needs teacher and kl";
+  }
+  DeviceScope scope(device);
+  if (scope.error != nullptr) return scope.error;
+  const auto s = static_cast<cudaStream_t>(stream);
+  return with_dtype(p.student_dtype, [&](auto ts) -> const char* {
+    using S = typename decltype(ts)::type;
+    return with_dtype(p.grad_dtype, [&](auto tg) -> const char* {
+      using G = typename decltype(tg)::type;
+      if constexpr (!kPairOk<S, G>) {
+        return "grad_dtype must be float64 exactly when the logits are float64";
+      } else if (p.grad_kl == nullptr) {
+        return launch_bwd<S, NoTeacher, G>(p, s);  // the teacher is never read
+      } else {
+        return with_dtype(p.teacher_dtype, [&](auto tt) -> const char* {
+          using T = typename decltype(tt)::type;
+          if constexpr (kPairOk<S, T>) {
+            return launch_bwd<S, T, G>(p, s);
+          } else {
+            return "float64 logits need both student and teacher in float64";
+          }
+        });
+      }
+    });
+  });
+}
 
 }  // namespace pyopd
