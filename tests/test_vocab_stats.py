@@ -450,3 +450,32 @@ def test_bindings_reject_bad_params_naming_the_field():
     p.n_rows, p.vocab = 2, 4
     with pytest.raises(ValueError, match="student must not be null"):
         _C.vocab_stats_fwd(p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_teacher_hole_under_student_mass_that_later_underflows(device):
+    # The student's mass at id 0 (where the teacher is -inf) vanishes once a far
+    # larger student logit appears in a later tile: KL is finite, never NaN.
+    s = torch.zeros(2, 1500, dtype=torch.float64, device=device)
+    t = torch.zeros(2, 1500, dtype=torch.float64, device=device)
+    t[:, 0] = -math.inf
+    s[:, 900] = 1000.0
+    for dt in (torch.float64, torch.float32):
+        got = pyopd.reverse_kl(s.to(dt), t.to(dt))
+        ref = reverse_kl_ref(s, t, compute_dtype=torch.float64)
+        assert bool(got.kl.isfinite().all())
+        assert_close(got.kl, ref.kl, atol=1e-4, rtol=1e-5, what=f"kl {dt}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_never_reads_out_of_range_token_ids(device):
+    # The public functions reject such ids; the raw op (what torch.compile calls)
+    # must still not index outside the row: negative ids give 0, ids >= V NaN.
+    s = _logits(3, 50, 1.0, torch.float32, device, 48)
+    t = _logits(3, 60, 1.0, torch.float32, device, 49)
+    y = torch.tensor([-5, 50, 10**12], device=device)
+    out = torch.ops.pyopd.vocab_stats_fwd(s, t, y, None, 1.0)
+    kl, lps, lpt = out[0], out[3], out[4]
+    assert float(lps[0]) == 0.0 and float(lpt[0]) == 0.0
+    assert bool(lps[1:].isnan().all()) and bool(lpt[1:].isnan().all())
+    assert bool(kl.isfinite().all())

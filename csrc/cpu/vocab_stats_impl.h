@@ -179,7 +179,10 @@ static inline void rebase_cross(double& D, const Running& s, const Running& t, d
   if (new_mt > t.m) D -= (t.m - new_mt) * s.Z;
   if (new_ms > s.m) {
     const double d = s.m - new_ms;
-    D = std::exp(d) * (D + d * s.Z);
+    const double a = std::exp(d);
+    // Old terms that underflow vanish, as they do in a two-pass computation;
+    // never 0 * inf = NaN when D is already +inf.
+    D = a == 0.0 ? 0.0 : a * (D + d * s.Z);
   }
 }
 
@@ -243,12 +246,16 @@ void fwd_rows(const VocabStatsFwdParams& p) {
         tile_sums(ys.v, n, static_cast<Acc>(shift_of(t)), t.Z, t.A);
       }
 
+      // Ids outside [0, V) never index the row (the Python wrapper rejects them;
+      // under torch.compile it cannot): a negative id gives 0, one >= V NaN.
       const int64_t y = p.tokens != nullptr ? p.tokens[r] : -1;
+      const bool y_in = y >= 0 && y < V;
+      const double y_nan = y >= V ? std::numeric_limits<double>::quiet_NaN() : 0.0;
       const double log_zs = std::log(s.Z);
       static_cast<Out*>(p.student_entropy)[r] = static_cast<Out>(nonneg(log_zs - s.A / s.Z));
       static_cast<Out*>(p.student_lse)[r] = static_cast<Out>(s.m + log_zs);
       static_cast<Out*>(p.student_logprob)[r] =
-          y < 0 ? Out(0)
+          !y_in ? static_cast<Out>(y_nan)
                 : static_cast<Out>((load_acc(srow, y) * inv_t - static_cast<Acc>(s.m)) - log_zs);
       Out* st = static_cast<Out*>(p.stats) + 4 * r;
       st[0] = static_cast<Out>(s.m);
@@ -259,7 +266,7 @@ void fwd_rows(const VocabStatsFwdParams& p) {
         static_cast<Out*>(p.teacher_entropy)[r] = static_cast<Out>(nonneg(log_zt - t.A / t.Z));
         static_cast<Out*>(p.teacher_lse)[r] = static_cast<Out>(t.m + log_zt);
         static_cast<Out*>(p.teacher_logprob)[r] =
-            y < 0 ? Out(0)
+            !y_in ? static_cast<Out>(y_nan)
                   : static_cast<Out>((load_acc(trow, y) * inv_t - static_cast<Acc>(t.m)) - log_zt);
         static_cast<Out*>(p.kl)[r] = static_cast<Out>(nonneg(D / s.Z - log_zs + log_zt));
         st[2] = static_cast<Out>(t.m);
