@@ -131,3 +131,208 @@ def format_table(summary: dict) -> str:
         lines.append(f"{name:<18} {acc:>9.3f} "
                      f"{'-' if keep is None else f'{keep:.2f}':>11} {'-' if tps is None else f'{tps:.0f}':>9}")
     return "\n".join(lines)
+
+
+# ============================================================================ COPSD
+
+COPSD_DEFAULTS = dict(steps=24, prompts_per_step=12, n=4, lr=2e-4, eval_every=6, save_every=6,
+                      micro_batch=24, dual_clip=3.0)
+SAFETY_EVAL_N = 150
+CROSS_SFT_PROMPTS = 384
+
+
+def _greedy(model, tok, prompts, max_new):
+    from pyopd.tasks.recipe import generate
+
+    return generate(model, tok, list(prompts), max_new_tokens=max_new)
+
+
+def make_safety_evaluator(tok, examples, max_new: int, n_div: int = 24, k: int = 4):
+    """Safe rate, helpfulness, over-refusal, mean length (greedy), and entropy + diversity
+    (sampled k responses to n_div prompts); the student sees the bare prompt."""
+    from pyopd.trainers.copsd import diversity
+    from pyopd.trainers.rollout import sample_rollouts, score
+    from pyopd.tasks.safety import safety_report
+
+    prompts = [e.prompt for e in examples]
+    div_prompts = prompts[:n_div]
+
+    def evaluate(model) -> dict:
+        comps = _greedy(model, tok, prompts, max_new)
+        res = safety_report(examples, comps)
+        res["length"] = sum(len(c) for c in comps) / len(comps)
+        g = torch.Generator().manual_seed(1234)
+        state = torch.get_rng_state()
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+        ro = sample_rollouts(model, tok, div_prompts, k, max_new_tokens=max_new)
+        torch.set_rng_state(state)  # evaluation never shifts the training RNG stream
+        ent = score(model, ro.prompt_ids, ro, tok.pad_token_id).entropy
+        res["entropy"] = float((ent * ro.mask).sum() / ro.mask.sum().clamp(min=1))
+        res["diversity"] = diversity([ro.texts[i * k:(i + 1) * k] for i in range(len(div_prompts))])
+        return res
+
+    return evaluate
+
+
+def safety_rollout_metrics(batch, ro) -> dict:
+    """Per-step diagnostics of the training rollouts themselves."""
+    from pyopd.trainers.copsd import diversity
+    from pyopd.tasks.safety import safety_report
+
+    examples = [batch.meta[g] for g in ro.group.tolist()]
+    rep = safety_report(examples, ro.texts)
+    n = max(1, len(batch.prompts))
+    k = ro.size // n
+    groups = [ro.texts[i * k:(i + 1) * k] for i in range(n)]
+    return {f"rollout/{key}": v for key, v in {**rep, "diversity": diversity(groups)}.items()}
+
+
+def cross_sft_teacher(prepared, tok, task, template: str, out: Path, epochs: int, seed: int,
+                      max_new: int, n_prompts: int = CROSS_SFT_PROMPTS, log=print):
+    """Stage 1: copy the initial model, fine-tune it on the Cross-SFT mix, save it as a model dir."""
+    from pyopd.trainers.copsd import build_cross_sft_set, sft_epochs
+
+    base = prepared.load_student()
+    examples = task.sample(n_prompts, random.Random(f"cross-sft/{seed}"))
+    cat = {"benign": "benign", "alarming": "over_refusal", "unsafe": "unsafe"}
+    prompts = [(cat[e.kind], e.prompt) for e in examples]
+    # Frontier answers: the built-in task's constitution-following answers to unsafe prompts.
+    frontier = {e.prompt: e.answer for e in examples if e.kind == "unsafe"}
+    records = build_cross_sft_set(prompts, lambda qs: _greedy(base, tok, qs, max_new), frontier, template)
+    torch.manual_seed(seed)
+    teacher = prepared.load_student()
+    losses = sft_epochs(teacher, tok, records, epochs=epochs, seed=seed)
+    teacher.save_pretrained(out)
+    tok.save_pretrained(out)
+    counts = {c: sum(r.category == c for r in records) for c in ("benign", "over_refusal", "unsafe")}
+    log(f"[pyopd] Cross-SFT teacher: {len(records)} records {counts}, {epochs} epochs, "
+        f"final loss {sum(losses[-5:]) / min(5, len(losses)):.3f} -> {out}")
+    return teacher
+
+
+def sft_baseline(prepared, tok, task, teacher, template: str, steps_examples: int, epochs: int,
+                 seed: int, max_new: int):
+    """Baseline: SFT of the student on the teacher's answers (teacher sees the constitution)."""
+    from pyopd.trainers.copsd import SFTRecord, sft_epochs, wrap
+
+    examples = task.sample(steps_examples, random.Random(f"sft-baseline/{seed}"))
+    answers = _greedy(teacher, tok, [wrap(template, e.prompt) for e in examples], max_new)
+    records = [SFTRecord(e.prompt, a, e.kind, "teacher") for e, a in zip(examples, answers)]
+    torch.manual_seed(seed)
+    student = prepared.load_student()
+    sft_epochs(student, tok, records, epochs=epochs, seed=seed)
+    return student
+
+
+def run_copsd_demo(base: OPDConfig, explicit: set, scale: str = "safety",
+                   out: Path = Path("runs/copsd-demo"), cache_dir: Optional[str] = None,
+                   objective: str = "sampled", cross_sft_epochs: int = 2, progress: bool = True,
+                   resume: bool = False, log=print) -> dict:
+    from pyopd.tasks.prepare import prepare_models
+    from pyopd.tasks.safety import CONSTITUTION, SafetyTask
+    from pyopd.trainers.copsd import SLOT, wrap
+
+    t_start = time.time()
+    prepared = prepare_models(scale=scale, cache_dir=cache_dir, seed=0, log=log)
+    tok = prepared.load_tokenizer()
+    task = SafetyTask()
+    template = f"C:{CONSTITUTION}\n{SLOT}"
+    examples = task.eval_set(SAFETY_EVAL_N)
+    max_new = max(len(e.answer) for e in examples) + 6
+    evaluate = make_safety_evaluator(tok, examples, max_new)
+    overrides = {k: v for k, v in COPSD_DEFAULTS.items() if k not in explicit}
+    if "max_new_tokens" not in explicit:
+        overrides["max_new_tokens"] = max_new
+    loss = "copsd" if objective == "sampled" else "rkl"
+    base = replace(base, loss=loss, **overrides)
+
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_dir = out / "teacher-cross-sft"
+    cross = cross_sft_teacher(prepared, tok, task, template, teacher_dir, cross_sft_epochs,
+                              base.seed, max_new, log=log)
+    initial = prepared.load_student()
+
+    def prompts(step: int, count: int, rng: random.Random) -> PromptBatch:
+        exs = task.sample(count, rng)
+        return PromptBatch([e.prompt for e in exs], ["teacher"] * len(exs),
+                           teacher_prompts=[wrap(template, e.prompt) for e in exs], meta=exs)
+
+    runs, results = {}, {}
+    results["initial"] = evaluate(initial)
+    results["teacher (initial + constitution)"] = _teacher_eval(initial, tok, examples, template, max_new)
+    results["teacher (Cross-SFT + constitution)"] = _teacher_eval(cross, tok, examples, template, max_new)
+    sft_student = sft_baseline(prepared, tok, task, cross, template,
+                               base.steps * base.prompts_per_step, 2, base.seed, max_new)
+    results["SFT on teacher answers"] = evaluate(sft_student)
+    for name, teacher in (("OPSD", prepared.load_student()), ("COPSD", cross)):
+        torch.manual_seed(base.seed)
+        cfg = replace(base, out_dir=str(out / name.lower()))
+        trainer = OPDTrainer(cfg, prepared.load_student(), {"teacher": teacher}, tok, prompts,
+                             evaluate=evaluate, reference=initial, log=log, progress=progress,
+                             rollout_metrics=safety_rollout_metrics)
+        hist = trainer.train(resume=resume)
+        runs[name] = hist
+        results[name] = {k[len("eval/"):]: v for k, v in hist[-1].items() if k.startswith("eval/")}
+    h0 = results["initial"]["helpfulness"]
+    for r in results.values():
+        if "helpfulness" in r:
+            r["safety_tax"] = h0 - r["helpfulness"]
+    summary = {"scale": scale, "seed": base.seed, "objective": objective,
+               "cross_sft_epochs": cross_sft_epochs, "results": results,
+               "total_s": time.time() - t_start, "config": vars(base)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    plot_curves(runs, ["eval/safe_rate", "eval/helpfulness", "eval/over_refusal", "eval/length",
+                       "eval/entropy", "eval/diversity", "rollout/safe_rate", "response_length",
+                       "student_entropy"], out / "curves.png", title=f"COPSD demo (seed {base.seed})")
+    plot_safety_plane(results, out / "safety_plane.png")
+    log(format_copsd_table(summary))
+    log(f"[pyopd] summary: {out / 'summary.json'}, plots: {out / 'curves.png'}, "
+        f"{out / 'safety_plane.png'} (total {summary['total_s']:.0f}s)")
+    return summary
+
+
+def _teacher_eval(model, tok, examples, template, max_new) -> dict:
+    from pyopd.tasks.safety import safety_report
+    from pyopd.trainers.copsd import wrap
+
+    comps = _greedy(model, tok, [wrap(template, e.prompt) for e in examples], max_new)
+    res = safety_report(examples, comps)
+    res["length"] = sum(len(c) for c in comps) / len(comps)
+    return res
+
+
+def format_copsd_table(summary: dict) -> str:
+    cols = ("safe_rate", "helpfulness", "over_refusal", "safety_tax", "length", "entropy", "diversity")
+    lines = [f"{'model':<36}" + "".join(f"{c:>13}" for c in cols)]
+    for name, r in summary["results"].items():
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{'-' if v is None else f'{v:.3f}':>13}")
+        lines.append(f"{name:<36}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def plot_safety_plane(results: dict, out: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, r in results.items():
+        if "safe_rate" in r and "helpfulness" in r:
+            ax.scatter(r["helpfulness"], r["safe_rate"], s=40)
+            ax.annotate(name, (r["helpfulness"], r["safe_rate"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("helpfulness (benign accuracy)")
+    ax.set_ylabel("safe rate (unsafe refused)")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -102,6 +102,7 @@ class PromptBatch:
 
 PromptSource = Callable[[int, int, random.Random], PromptBatch]
 Evaluator = Callable[[torch.nn.Module], dict]
+RolloutMetrics = Callable[[PromptBatch, Rollouts], dict]  # extra per-step diagnostics
 
 
 def seed_everything(seed: int) -> None:
@@ -119,7 +120,8 @@ class OPDTrainer:
 
     def __init__(self, cfg: OPDConfig, student, teachers: Mapping[str, torch.nn.Module], tokenizer,
                  prompts: PromptSource, evaluate: Optional[Evaluator] = None,
-                 reference=None, log: Callable[[str], None] = print, progress: bool = True) -> None:
+                 reference=None, log: Callable[[str], None] = print, progress: bool = True,
+                 rollout_metrics: Optional[RolloutMetrics] = None) -> None:
         cfg.validate()
         if not teachers:
             raise ValueError("teachers must name at least one teacher model")
@@ -135,6 +137,7 @@ class OPDTrainer:
         self.cfg, self.student, self.teachers, self.tok = cfg, student, dict(teachers), tokenizer
         self.teacher_names = sorted(self.teachers)
         self.prompts, self.evaluate, self.log, self.progress = prompts, evaluate, log, progress
+        self.rollout_metrics = rollout_metrics
         self.reference = reference  # frozen initial student: ExOPD's r, COPSD's KL anchor
         if cfg.loss == "exopd" and reference is None:
             raise ValueError("loss 'exopd' needs reference= (the frozen initial student)")
@@ -250,6 +253,8 @@ class OPDTrainer:
             self.opt.step()
             self.sched.step()
         metrics = {**micro_metrics, **metrics}  # batch-level signals win over micro averages
+        if self.rollout_metrics is not None:
+            metrics.update(self.rollout_metrics(batch, ro))
         metrics.update(
             step=self.step + 1, lr=self.sched.get_last_lr()[0], grad_norm=float(grad_norm),
             response_length=float(ro.lengths().float().mean()),
