@@ -173,6 +173,9 @@ def test_mixed_task_and_registry() -> None:
     ev = mixed.eval_set(10)
     assert ev == get_task("arith").eval_set(5) + get_task("strings").eval_set(5)
     assert not mixed.verify(Example("Q:x\nA:", "#1", "1", "nope"), "#1")
+    assert mixed.max_new_tokens() >= max(len(e.answer) + 1 for e in mixed.eval_set())
+    assert MixedTask(weights=(1, 0)).sample(20, 0) == [e for e in MixedTask(weights=(1, 0)).sample(20, 0)
+                                                       if e.family == "arith"]
     assert isinstance(get_task("arith", max_ops=3), ArithmeticTask)
     with pytest.raises(KeyError):
         get_task("nope")
@@ -344,3 +347,25 @@ def test_install_race_keeps_valid_entry_and_replaces_bad(tiny_cache, tmp_path: P
     (ours2 / "winner").write_text("second")
     prep._install(ours2, final, key, replace_valid=True)
     assert (final / "winner").read_text() == "second"
+
+
+def test_concurrent_prepare_builds_once(tmp_path: Path) -> None:
+    import threading
+
+    results: list[prep.Prepared] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            results.append(prepare_models("tiny", cache_dir=tmp_path, log=None))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(r.built for r in results) == [False, True]
+    assert prep.verify_entry(results[0].root) is None

@@ -103,6 +103,10 @@ class Task(abc.ABC):
         """A fixed held-out set: the same ``n`` examples for the same seed."""
         return self.sample(n, random.Random(f"{self.name}/eval/{seed}"))
 
+    def max_new_tokens(self, margin: int = 8) -> int:
+        """A generation budget: the longest eval-set answer (+ ``<eos>``) plus ``margin`` tokens."""
+        return max(len(e.answer) for e in self.eval_set()) + 1 + margin
+
     def score(self, examples: list[Example], completions: list[str]) -> list[float]:
         """1.0 / 0.0 per completion (a verifiable reward)."""
         if len(examples) != len(completions):

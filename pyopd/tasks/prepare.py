@@ -28,6 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from pyopd.tasks.models import ModelSpec, build_model, num_params, padded_vocab
 from pyopd.tasks.recipe import evaluate, train_sft
+from pyopd.tasks.base import Task
 from pyopd.tasks.registry import MixedTask, get_task
 from pyopd.tasks.tokenizer import VOCAB, VOCAB_SIZE, build_tokenizer
 
@@ -40,14 +41,18 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class ModelRecipe:
-    """How one model is made: shape, SFT task and length."""
+    """How one model is made: shape, SFT task (registry name + arguments) and length."""
 
     name: str  # "student" or a teacher name
-    task: str  # registry name of the SFT task
+    task: str
     spec: ModelSpec
     steps: int
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-3
+    task_args: tuple[tuple[str, object], ...] = ()
+
+    def make_task(self) -> Task:
+        return get_task(self.task, **dict(self.task_args))
 
 
 @dataclass(frozen=True)
@@ -59,29 +64,33 @@ class Scale:
 
 
 def _scales() -> dict[str, Scale]:
-    small = ModelSpec(hidden_size=128, num_layers=2, num_heads=4)
+    student = ModelSpec(hidden_size=128, num_layers=2, num_heads=4)  # vocab = tokenizer size (100)
+    specialist = ModelSpec(hidden_size=128, num_layers=2, num_heads=4, vocab_size=TEACHER_VOCAB)
     big = ModelSpec(hidden_size=192, num_layers=3, num_heads=6, vocab_size=TEACHER_VOCAB)
-    teacher = ModelSpec(hidden_size=128, num_layers=2, num_heads=4, vocab_size=TEACHER_VOCAB)
     tiny_s = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, max_positions=128)
     tiny_t = ModelSpec(hidden_size=48, num_layers=1, num_heads=2, max_positions=128, vocab_size=TEACHER_VOCAB)
     return {
+        # A 0.34M-param student trained briefly; two specialists of the same shape trained longer;
+        # a 1.1M-param generalist teacher.  Strings are learnt faster than arithmetic, so the
+        # mixed-task models see arithmetic twice as often.
         "demo": Scale(
             models=(
-                ModelRecipe("student", "mixed", small, steps=250),
-                ModelRecipe("arith", "arith", teacher, steps=700),
-                ModelRecipe("strings", "strings", teacher, steps=600),
-                ModelRecipe("mixed", "mixed", big, steps=700),
+                ModelRecipe("student", "mixed", student, steps=250, task_args=(("weights", (2.0, 1.0)),)),
+                ModelRecipe("arith", "arith", specialist, steps=600),
+                ModelRecipe("strings", "strings", specialist, steps=350),
+                ModelRecipe("mixed", "mixed", big, steps=600, task_args=(("weights", (2.0, 1.0)),)),
             ),
             eval_n=256,
         ),
+        # Seconds, for tests: the models are untrained and their accuracy is meaningless.
         "tiny": Scale(
             models=(
-                ModelRecipe("student", "mixed", tiny_s, steps=4, batch_size=8),
-                ModelRecipe("arith", "arith", tiny_t, steps=4, batch_size=8),
-                ModelRecipe("strings", "strings", tiny_t, steps=4, batch_size=8),
-                ModelRecipe("mixed", "mixed", tiny_t, steps=4, batch_size=8),
+                ModelRecipe("student", "mixed", tiny_s, steps=2, batch_size=8),
+                ModelRecipe("arith", "arith", tiny_t, steps=2, batch_size=8),
+                ModelRecipe("strings", "strings", tiny_t, steps=2, batch_size=8),
+                ModelRecipe("mixed", "mixed", tiny_t, steps=2, batch_size=8),
             ),
-            eval_n=16,
+            eval_n=8,
         ),
     }
 
@@ -105,7 +114,7 @@ def recipe_key(scale: str, seed: int) -> str:
         "seed": seed,
         "models": [asdict(m) for m in SCALES[scale].models],
         "eval_n": SCALES[scale].eval_n,
-        "tasks": {m.task: get_task(m.task).config() for m in SCALES[scale].models},
+        "tasks": {m.name: m.make_task().config() for m in SCALES[scale].models},
         "vocab": sorted(VOCAB.items(), key=lambda kv: kv[1]),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()
@@ -123,6 +132,14 @@ class Prepared:
     teacher_dirs: dict[str, Path]
     tokenizer_dir: Path
     metrics: dict[str, dict] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line per model: parameters, vocabulary size and greedy accuracy per family."""
+        lines = []
+        for name, m in self.metrics.items():
+            acc = ", ".join(f"{k} {v:.1%}" for k, v in m.get("accuracy", {}).items())
+            lines.append(f"{name:>8}: {m.get('params', 0) / 1e6:.2f}M params, vocab {m.get('vocab_size')}, {acc}")
+        return "\n".join(lines)
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """The shared character tokenizer (left padding)."""
@@ -151,11 +168,14 @@ def prepare_models(
     seed: int = 0,
     rebuild: bool = False,
     log: Log | None = print,
+    num_threads: int | None = None,
 ) -> Prepared:
     """Return the cached student/teachers for (``scale``, ``seed``), training them first if needed.
 
     A valid entry loads at once; a missing, partial or corrupt one is rebuilt
     (``rebuild=True`` forces it).  Safe to call from several processes at once.
+    ``num_threads`` sets torch's intra-op threads while building (restored
+    after); on a busy machine 1 thread can be much faster than oversubscribing.
     """
     if scale not in SCALES:
         raise KeyError(f"unknown scale {scale!r}; known: {sorted(SCALES)}")
@@ -172,10 +192,14 @@ def prepare_models(
         say(f"[pyopd.tasks] cache entry {final}: {reason}; building")
         _remove_stale_tmp(root, final.name)
         tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        threads = torch.get_num_threads()
         try:
+            if num_threads is not None:
+                torch.set_num_threads(num_threads)
             _build(tmp, scale, seed, key, say)
             _install(tmp, final, key, replace_valid=rebuild)
         finally:
+            torch.set_num_threads(threads)
             _rmtree(tmp)
     return _prepared(final, scale, seed, built=True)
 
@@ -200,7 +224,7 @@ def _build(out: Path, scale: str, seed: int, key: str, say: Log) -> None:
         say(f"[pyopd.tasks] training {recipe.name} ({num_params(model) / 1e6:.2f}M params, "
             f"vocab {model.config.vocab_size}) on {recipe.task} for {recipe.steps} steps")
         losses = train_sft(
-            model, tokenizer, get_task(recipe.task), recipe.steps, batch_size=recipe.batch_size,
+            model, tokenizer, recipe.make_task(), recipe.steps, batch_size=recipe.batch_size,
             lr=recipe.lr, seed=model_seed, exclude=held_out, log=say, log_every=max(1, recipe.steps // 4),
         )
         train_s = time.perf_counter() - t0
@@ -234,10 +258,18 @@ def _model_dirname(name: str) -> str:
     return "student" if name == "student" else f"teacher-{name}"
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _file_info(path: Path) -> dict:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-        return {"size": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def _install(tmp: Path, final: Path, key: str, replace_valid: bool) -> None:
@@ -293,9 +325,8 @@ def verify_entry(path: Path, key: str | None = None) -> str | None:
             return "malformed manifest"
         if f.stat().st_size != size:
             return f"size mismatch for {rel} (truncated?)"
-        with open(f, "rb") as fh:
-            if hashlib.file_digest(fh, "sha256").hexdigest() != digest:
-                return f"checksum mismatch for {rel}"
+        if _sha256(f) != digest:
+            return f"checksum mismatch for {rel}"
     return None
 
 
@@ -306,7 +337,7 @@ def _prepared(path: Path, scale: str, seed: int, built: bool) -> Prepared:
         student_dir=path / "student",
         teacher_dirs={n: path / _model_dirname(n) for n in manifest["models"] if n != "student"},
         tokenizer_dir=path / "tokenizer",
-        metrics=manifest.get("metrics", {}),
+        metrics={n: manifest["metrics"][n] for n in manifest["models"] if n in manifest.get("metrics", {})},
     )
 
 

@@ -42,7 +42,7 @@ def train_sft(
     task: Task,
     steps: int,
     batch_size: int = 64,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     seed: int = 0,
     exclude: Sequence[str] = (),
     log: Log | None = None,
