@@ -1,0 +1,402 @@
+"""Prepare (train once, then cache on disk) the tokenizer, student and teachers.
+
+``prepare_models()`` returns a :class:`Prepared` whose directories hold
+``save_pretrained`` checkpoints (safetensors) plus the tokenizer.  An entry is
+built in a temporary sibling directory, its ``manifest.json`` (sha256 and size
+of every file) is written last, and the directory is ``os.replace``-d into
+place, so readers see either nothing or a complete entry.  On load the
+manifest is checked; a missing, partial or corrupt entry is logged and rebuilt.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from pyopd.tasks.models import ModelSpec, build_model, num_params, padded_vocab
+from pyopd.tasks.recipe import evaluate, train_sft
+from pyopd.tasks.base import Task
+from pyopd.tasks.registry import MixedTask, get_task
+from pyopd.tasks.tokenizer import VOCAB, VOCAB_SIZE, build_tokenizer
+
+RECIPE_VERSION = 1  # bump whenever training code changes what a recipe produces
+MANIFEST = "manifest.json"
+TEACHER_VOCAB = padded_vocab(VOCAB_SIZE)  # 112 > 100: teachers have ids the tokenizer never makes
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How one model is made: shape, SFT task (registry name + arguments) and length."""
+
+    name: str  # "student" or a teacher name
+    task: str
+    spec: ModelSpec
+    steps: int
+    batch_size: int = 64
+    lr: float = 1e-3
+    task_args: tuple[tuple[str, object], ...] = ()
+
+    def make_task(self) -> Task:
+        return get_task(self.task, **dict(self.task_args))
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A full preparation recipe: the models and the eval-set size used to report accuracy."""
+
+    models: tuple[ModelRecipe, ...]
+    eval_n: int = 256
+
+
+def _scales() -> dict[str, Scale]:
+    student = ModelSpec(hidden_size=128, num_layers=2, num_heads=4)  # vocab = tokenizer size (100)
+    specialist = ModelSpec(hidden_size=128, num_layers=2, num_heads=4, vocab_size=TEACHER_VOCAB)
+    big = ModelSpec(hidden_size=192, num_layers=3, num_heads=6, vocab_size=TEACHER_VOCAB)
+    tiny_s = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, max_positions=128)
+    tiny_t = ModelSpec(hidden_size=48, num_layers=1, num_heads=2, max_positions=128, vocab_size=TEACHER_VOCAB)
+    return {
+        # A 0.34M-param student trained briefly; two specialists of the same shape trained longer;
+        # a 1.1M-param generalist teacher.  Strings are learnt faster than arithmetic, so the
+        # mixed-task models see arithmetic twice as often.
+        "demo": Scale(
+            models=(
+                ModelRecipe("student", "mixed", student, steps=250, task_args=(("weights", (2.0, 1.0)),)),
+                ModelRecipe("arith", "arith", specialist, steps=600),
+                ModelRecipe("strings", "strings", specialist, steps=350),
+                ModelRecipe("mixed", "mixed", big, steps=600, task_args=(("weights", (2.0, 1.0)),)),
+            ),
+            eval_n=256,
+        ),
+        # Seconds, for tests: the models are untrained and their accuracy is meaningless.
+        "tiny": Scale(
+            models=(
+                ModelRecipe("student", "mixed", tiny_s, steps=2, batch_size=8),
+                ModelRecipe("arith", "arith", tiny_t, steps=2, batch_size=8),
+                ModelRecipe("strings", "strings", tiny_t, steps=2, batch_size=8),
+                ModelRecipe("mixed", "mixed", tiny_t, steps=2, batch_size=8),
+            ),
+            eval_n=8,
+        ),
+    }
+
+
+SCALES: dict[str, Scale] = _scales()
+
+
+def default_cache_dir() -> Path:
+    """``$PYOPD_CACHE_DIR``, else ``$XDG_CACHE_HOME/pyopd``, else ``~/.cache/pyopd``."""
+    if os.environ.get("PYOPD_CACHE_DIR"):
+        return Path(os.environ["PYOPD_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pyopd"
+
+
+def recipe_key(scale: str, seed: int) -> str:
+    """sha256 of everything that determines the prepared models."""
+    recipe = {
+        "version": RECIPE_VERSION,
+        "scale": scale,
+        "seed": seed,
+        "models": [asdict(m) for m in SCALES[scale].models],
+        "eval_n": SCALES[scale].eval_n,
+        "tasks": {m.name: m.make_task().config() for m in SCALES[scale].models},
+        "vocab": sorted(VOCAB.items(), key=lambda kv: kv[1]),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A cache entry: where the checkpoints are, how they scored, and loaders."""
+
+    root: Path
+    scale: str
+    seed: int
+    built: bool  # True when this call trained the models, False when it loaded them
+    student_dir: Path
+    teacher_dirs: dict[str, Path]
+    tokenizer_dir: Path
+    metrics: dict[str, dict] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line per model: parameters, vocabulary size and greedy accuracy per family."""
+        lines = []
+        for name, m in self.metrics.items():
+            acc = ", ".join(f"{k} {v:.1%}" for k, v in m.get("accuracy", {}).items())
+            lines.append(f"{name:>8}: {m.get('params', 0) / 1e6:.2f}M params, vocab {m.get('vocab_size')}, {acc}")
+        return "\n".join(lines)
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The shared character tokenizer (left padding)."""
+        return AutoTokenizer.from_pretrained(self.tokenizer_dir)
+
+    def load_model(self, name: str = "student", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+        """``"student"`` or a teacher name (``arith``, ``strings``, ``mixed``), in eval mode."""
+        path = self.student_dir if name == "student" else self.teacher_dirs.get(name)
+        if path is None:
+            raise KeyError(f"unknown model {name!r}; have 'student' and teachers {sorted(self.teacher_dirs)}")
+        with _no_progress_bars():
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    def load_student(self, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+        """The weak student."""
+        return self.load_model("student", dtype)
+
+    def load_teacher(self, name: str = "mixed", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+        """A teacher: ``mixed`` (bigger, both families) or a specialist ``arith`` / ``strings``."""
+        return self.load_model(name, dtype)
+
+
+def prepare_models(
+    scale: str = "demo",
+    cache_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    rebuild: bool = False,
+    log: Log | None = print,
+    num_threads: int | None = None,
+) -> Prepared:
+    """Return the cached student/teachers for (``scale``, ``seed``), training them first if needed.
+
+    A valid entry loads at once; a missing, partial or corrupt one is rebuilt
+    (``rebuild=True`` forces it).  Safe to call from several processes at once.
+    ``num_threads`` sets torch's intra-op threads while building (restored
+    after); on a busy machine 1 thread can be much faster than oversubscribing.
+    """
+    if scale not in SCALES:
+        raise KeyError(f"unknown scale {scale!r}; known: {sorted(SCALES)}")
+    say: Log = log or (lambda _msg: None)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    key = recipe_key(scale, seed)
+    final = root / f"tasks-{scale}-seed{seed}-{key[:16]}"
+    with _lock(root / f".{final.name}.lock"):
+        reason = "rebuild requested" if rebuild else verify_entry(final, key)
+        if reason is None:
+            say(f"[pyopd.tasks] using cached models in {final}")
+            return _prepared(final, scale, seed, built=False)
+        say(f"[pyopd.tasks] cache entry {final}: {reason}; building")
+        _remove_stale_tmp(root, final.name)
+        tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        threads = torch.get_num_threads()
+        try:
+            if num_threads is not None:
+                torch.set_num_threads(num_threads)
+            _build(tmp, scale, seed, key, say)
+            _install(tmp, final, key, replace_valid=rebuild)
+        finally:
+            torch.set_num_threads(threads)
+            _rmtree(tmp)
+    return _prepared(final, scale, seed, built=True)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _build(out: Path, scale: str, seed: int, key: str, say: Log) -> None:
+    """Train every model of ``scale`` and write the entry (manifest last) into ``out``."""
+    t_start = time.perf_counter()
+    out.mkdir(parents=True)
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(out / "tokenizer")
+    families = MixedTask().tasks
+    evals = {name: task.eval_set(SCALES[scale].eval_n // 2) for name, task in families.items()}
+    held_out = [e.prompt for ev in evals.values() for e in ev]
+    metrics: dict[str, dict] = {}
+    for recipe in SCALES[scale].models:
+        t0 = time.perf_counter()
+        model_seed = zlib.crc32(f"{seed}/{recipe.name}".encode())
+        model = build_model(recipe.spec, tokenizer, seed=model_seed)
+        say(f"[pyopd.tasks] training {recipe.name} ({num_params(model) / 1e6:.2f}M params, "
+            f"vocab {model.config.vocab_size}) on {recipe.task} for {recipe.steps} steps")
+        losses = train_sft(
+            model, tokenizer, recipe.make_task(), recipe.steps, batch_size=recipe.batch_size,
+            lr=recipe.lr, seed=model_seed, exclude=held_out, log=say, log_every=max(1, recipe.steps // 4),
+        )
+        train_s = time.perf_counter() - t0
+        acc = {name: evaluate(model, tokenizer, families[name], evals[name]) for name in families}
+        metrics[recipe.name] = {
+            "accuracy": acc, "params": num_params(model), "vocab_size": model.config.vocab_size,
+            "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - t0 - train_s, 2),
+        }
+        say(f"[pyopd.tasks]   {recipe.name}: greedy accuracy "
+            + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + f" ({train_s:.1f}s)")
+        model_dir = out / _model_dirname(recipe.name)
+        with _no_progress_bars():
+            model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    files = {str(p.relative_to(out).as_posix()): _file_info(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    manifest = {
+        "version": RECIPE_VERSION, "key": key, "scale": scale, "seed": seed,
+        "models": [r.name for r in SCALES[scale].models], "metrics": metrics,
+        "build_s": round(time.perf_counter() - t_start, 2), "torch": torch.__version__,
+        "transformers": transformers.__version__, "files": files,
+    }
+    with open(out / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    say(f"[pyopd.tasks] built all models in {manifest['build_s']:.1f}s")
+
+
+def _model_dirname(name: str) -> str:
+    return "student" if name == "student" else f"teacher-{name}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_info(path: Path) -> dict:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _install(tmp: Path, final: Path, key: str, replace_valid: bool) -> None:
+    """Move ``tmp`` to ``final``; an invalid (or, if asked, any) existing entry is discarded first."""
+    for _ in range(3):
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError:
+            if not final.exists() and not final.is_symlink():
+                raise
+        if not replace_valid and verify_entry(final, key) is None:
+            return  # another process installed a good entry first; keep it
+        _discard(final)
+        replace_valid = False
+    raise OSError(f"could not install {tmp} as {final}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def verify_entry(path: Path, key: str | None = None) -> str | None:
+    """``None`` when ``path`` is a complete, intact cache entry, else the reason it is not."""
+    if not path.is_dir():
+        return "missing"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest (partial entry)"
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({e.__class__.__name__})"
+    if not isinstance(manifest, dict) or manifest.get("version") != RECIPE_VERSION:
+        return "manifest from another recipe version"
+    if key is not None and manifest.get("key") != key:
+        return "manifest key does not match the recipe"
+    files = manifest.get("files")
+    names = manifest.get("models")
+    if not isinstance(files, dict) or not isinstance(names, list) or "student" not in names:
+        return "malformed manifest"
+    needed = ["tokenizer/tokenizer.json"] + [f"{_model_dirname(n)}/model.safetensors" for n in names]
+    if any(n not in files for n in needed):
+        return "manifest does not list every model"
+    root = path.resolve()
+    for rel, info in files.items():
+        f = (path / rel).resolve()
+        if root not in f.parents:
+            return f"manifest entry {rel!r} points outside the entry"
+        if not f.is_file():
+            return f"missing file {rel}"
+        try:
+            size, digest = int(info["size"]), str(info["sha256"])
+        except (KeyError, TypeError, ValueError):
+            return "malformed manifest"
+        if f.stat().st_size != size:
+            return f"size mismatch for {rel} (truncated?)"
+        if _sha256(f) != digest:
+            return f"checksum mismatch for {rel}"
+    return None
+
+
+def _prepared(path: Path, scale: str, seed: int, built: bool) -> Prepared:
+    manifest = json.loads((path / MANIFEST).read_text())
+    return Prepared(
+        root=path, scale=scale, seed=seed, built=built,
+        student_dir=path / "student",
+        teacher_dirs={n: path / _model_dirname(n) for n in manifest["models"] if n != "student"},
+        tokenizer_dir=path / "tokenizer",
+        metrics={n: manifest["metrics"][n] for n in manifest["models"] if n in manifest.get("metrics", {})},
+    )
+
+
+# ---------------------------------------------------------------- filesystem helpers
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' per-file progress bars (restored afterwards)."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX ``flock``) so concurrent callers build once.
+
+    Correctness does not depend on it (installs are atomic renames); where
+    ``fcntl`` is unavailable it is a no-op.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _discard(path: Path) -> None:
+    """Atomically move ``path`` aside, then delete it (tolerates concurrent removal)."""
+    trash = path.parent / f".{path.name}.bad-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    _rmtree(trash)
+
+
+def _rmtree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _remove_stale_tmp(root: Path, name: str, max_age_s: float = 3600.0) -> None:
+    """Delete temporary/bad siblings of ``name`` left by crashed builds (older than ``max_age_s``)."""
+    now = time.time()
+    for p in root.glob(f".{name}.*-*"):
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime > max_age_s:
+                _rmtree(p)

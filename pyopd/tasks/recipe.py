@@ -1,0 +1,114 @@
+"""Plain-PyTorch SFT and greedy evaluation for the tiny task models."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pyopd.tasks.base import Example, Task
+
+Log = Callable[[str], None]
+
+
+def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``labels`` for ``<bos> prompt answer <eos>``; labels only on answer + eos."""
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
+    answers = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
+    seqs = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, len(p) : len(s)] = ids[i, len(p) : len(s)]
+    return {"input_ids": ids, "labels": labels}
+
+
+def answer_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) positions."""
+    # Right padding + causal attention: pads come after every real token, so no mask is needed.
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1))
+
+
+def train_sft(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    exclude: Sequence[str] = (),
+    log: Log | None = None,
+    log_every: int = 100,
+) -> list[float]:
+    """Train on fresh ``task`` samples for ``steps`` AdamW steps (warmup + cosine); returns losses."""
+    rng = random.Random(f"sft/{task.name}/{seed}")
+    excluded = frozenset(exclude)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min((i + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
+    )
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        batch = sft_batch(tokenizer, task.sample(batch_size, rng, exclude=excluded))
+        loss = answer_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log is not None and (step + 1) % log_every == 0:
+            recent = losses[-log_every:]
+            log(f"  step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - t0:.1f}s)")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 48,
+    batch_size: int = 256,
+    **gen_kwargs: object,
+) -> list[str]:
+    """Completions for ``prompts`` (greedy unless ``do_sample=True`` is passed), special tokens removed."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, do_sample=False)
+        kwargs.update(gen_kwargs)
+        seqs = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kwargs)
+        out += tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    examples: Sequence[Example] | None = None,
+    max_new_tokens: int | None = None,
+) -> float:
+    """Greedy accuracy of ``model`` on ``examples`` (default: the task's eval set)."""
+    examples = list(task.eval_set() if examples is None else examples)
+    if max_new_tokens is None:
+        max_new_tokens = max(len(e.answer) for e in examples) + 8
+    completions = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens)
+    return sum(task.score(examples, completions)) / max(1, len(examples))
