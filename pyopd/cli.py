@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -192,6 +191,135 @@ def _run_real(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- copsd
+
+
+def _read_jsonl(flag: str, path: str, required: Sequence[str]) -> list[dict]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"{flag}: file {str(p)!r} does not exist")
+    rows = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{flag}: line {i} of {p} is not JSON ({e.msg})") from None
+        for key in required:
+            if not isinstance(obj, dict) or not isinstance(obj.get(key), str) or not obj[key]:
+                raise UsageError(f"{flag}: line {i} of {p} has no non-empty \"{key}\" string")
+        rows.append(obj)
+    if not rows:
+        raise UsageError(f"{flag}: {p} is empty")
+    return rows
+
+
+def _run_copsd(args) -> int:
+    from pyopd.trainers.copsd import CATEGORIES, ConstitutionError, load_constitution
+
+    try:
+        template = load_constitution(args.constitution)
+    except ConstitutionError as e:
+        raise UsageError(f"--constitution: {e}") from None
+    if args.cross_sft_epochs < 1:
+        raise UsageError(f"--cross-sft-epochs must be >= 1, got {args.cross_sft_epochs}")
+    if not (args.student or args.teacher or args.prompts):
+        from pyopd.demo import run_copsd_demo
+
+        overrides = dict(steps=args.steps, prompts_per_step=args.prompts_per_step, n=args.n,
+                         max_new_tokens=args.max_new_tokens, lr=args.lr, eval_every=args.eval_every,
+                         save_every=args.save_every)
+        base = _config_from(args, loss="copsd", **overrides)
+        run_copsd_demo(base, explicit={k for k, v in overrides.items() if v is not None},
+                       scale=args.scale, out=Path(args.out or "runs/copsd-demo"),
+                       cache_dir=args.cache_dir, objective=args.objective,
+                       cross_sft_epochs=args.cross_sft_epochs, progress=not args.no_progress,
+                       resume=args.resume)
+        return 0
+    student_dir = _check_model_dir("--student", args.student)
+    teacher_dir = _check_model_dir("--teacher", args.teacher) or student_dir
+    if student_dir is None or not args.prompts:
+        raise UsageError("real models need --student DIR and --prompts FILE (and --frontier-answers FILE)")
+    prompts = _read_jsonl("--prompts", args.prompts, ["prompt"])
+    for i, r in enumerate(prompts, 1):
+        r.setdefault("category", "benign")
+        if r["category"] not in CATEGORIES:
+            raise UsageError(f"--prompts: entry {i} has category {r['category']!r}; use one of {CATEGORIES}")
+    unsafe = [r["prompt"] for r in prompts if r["category"] == "unsafe"]
+    frontier = {}
+    if args.baseline != "opsd":
+        if not args.frontier_answers:
+            raise UsageError("--frontier-answers FILE is required for the Cross-SFT stage "
+                             "(constitution-following answers to the unsafe prompts)")
+        frontier = {r["prompt"]: r["answer"] for r in
+                    _read_jsonl("--frontier-answers", args.frontier_answers, ["prompt", "answer"])}
+        missing = [q for q in unsafe if q not in frontier]
+        if missing:
+            raise UsageError(f"--frontier-answers has no answer for {len(missing)} unsafe prompt(s), "
+                             f"e.g. {missing[0]!r}")
+    cfg = _config_from(args, loss="copsd" if args.objective == "sampled" else "rkl",
+                       out_dir=args.out or "runs/copsd", steps=args.steps,
+                       prompts_per_step=args.prompts_per_step, n=args.n,
+                       max_new_tokens=args.max_new_tokens, lr=args.lr, eval_every=args.eval_every,
+                       save_every=args.save_every, dual_clip=args.dual_clip if args.dual_clip else 3.0)
+    out = Path(cfg.out_dir)
+    if not args.resume and any(out.glob("checkpoint-*")):
+        raise UsageError(f"--out {cfg.out_dir!r} already has checkpoints: pass --resume or another --out")
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pyopd.tasks.recipe import generate
+    from pyopd.trainers.copsd import build_cross_sft_set, sft_epochs, wrap
+    from pyopd.trainers.opd import OPDTrainer, PromptBatch
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)  # noqa: E731
+    student, initial, teacher = load(student_dir), load(student_dir), load(teacher_dir)
+    if _vocab_size(teacher) < _vocab_size(student):
+        raise UsageError(f"--teacher: vocabulary {_vocab_size(teacher)} is smaller than the student's "
+                         f"{_vocab_size(student)}; teacher and student must share the tokenizer")
+    if args.baseline != "opsd" and not (out / "teacher-cross-sft" / "config.json").is_file():
+        records = build_cross_sft_set(
+            [(r["category"], r["prompt"]) for r in prompts],
+            lambda qs: generate(initial, tok, qs, max_new_tokens=cfg.max_new_tokens), frontier, template)
+        sft_epochs(teacher, tok, records, epochs=args.cross_sft_epochs, seed=cfg.seed)
+        teacher.save_pretrained(out / "teacher-cross-sft")
+        tok.save_pretrained(out / "teacher-cross-sft")
+        print(f"[pyopd] Cross-SFT teacher ({len(records)} records) -> {out / 'teacher-cross-sft'}")
+    elif args.baseline != "opsd":
+        teacher = load(out / "teacher-cross-sft")
+
+    if args.baseline == "sft":
+        from pyopd.trainers.copsd import SFTRecord
+
+        qs = [r["prompt"] for r in prompts]
+        answers = generate(teacher, tok, [wrap(template, q) for q in qs], max_new_tokens=cfg.max_new_tokens)
+        sft_epochs(student, tok, [SFTRecord(q, a, r["category"], "teacher")
+                                  for q, a, r in zip(qs, answers, prompts)],
+                   epochs=args.cross_sft_epochs, seed=cfg.seed)
+        student.save_pretrained(out / "sft-student")
+        tok.save_pretrained(out / "sft-student")
+        print(f"[pyopd] SFT baseline on {len(qs)} teacher answers -> {out / 'sft-student'}")
+        return 0
+
+    def source(step: int, count: int, rng: random.Random) -> PromptBatch:
+        pick = [prompts[rng.randrange(len(prompts))]["prompt"] for _ in range(count)]
+        return PromptBatch(pick, ["teacher"] * count, teacher_prompts=[wrap(template, q) for q in pick])
+
+    trainer = OPDTrainer(cfg, student, {"teacher": teacher}, tok, source, reference=initial,
+                         progress=not args.no_progress)
+    hist = trainer.train(resume=args.resume)
+    print(f"[pyopd] copsd ({args.baseline}, objective {args.objective}): {len(hist)} steps; "
+          f"checkpoints and metrics.jsonl in {cfg.out_dir}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -209,6 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-teacher", action="store_true",
                    help="demo: route each sample to its family's specialist teacher")
     _add_opd_args(p)
+    p = sub.add_parser("copsd", help="COPSD: the demo, or a run with real models")
+    p.add_argument("--student", help="student model directory (save_pretrained)")
+    p.add_argument("--teacher", help="model the teacher is made from (default: the student)")
+    p.add_argument("--constitution", help="template file with a {user_query} slot (default: shipped)")
+    p.add_argument("--prompts", help="JSONL: {\"prompt\": ..., \"category\": benign|over_refusal|unsafe}")
+    p.add_argument("--frontier-answers", help="JSONL: {\"prompt\": ..., \"answer\": ...} for unsafe prompts")
+    p.add_argument("--objective", choices=("sampled", "full"), default="sampled",
+                   help="sampled-token COPSD loss or the analytic full-vocabulary reverse KL")
+    p.add_argument("--baseline", choices=("copsd", "opsd", "sft"), default="copsd",
+                   help="opsd: skip Cross-SFT (the teacher is the initial model with the constitution); "
+                        "sft: fine-tune the student on the Cross-SFT teacher's answers instead of OPD")
+    p.add_argument("--cross-sft-epochs", type=int, default=2)
+    p.add_argument("--kl-coef", type=float, default=0.005)
+    p.add_argument("--reward-bonus", type=float, default=0.02)
+    p.add_argument("--scale", default="safety", help="demo: size of the built-in safety model")
+    p.add_argument("--cache-dir", default=None)
+    _add_opd_args(p)
     sub.add_parser("info", help="print pyopd.build_info()")
     return parser
 
@@ -224,6 +369,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.command == "fire-opd":
             return _run_fire_opd(args)
+        if args.command == "copsd":
+            return _run_copsd(args)
     except UsageError as e:
         print(f"pyopd {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -227,7 +227,8 @@ def sft_baseline(prepared, tok, task, teacher, template: str, steps_examples: in
 def run_copsd_demo(base: OPDConfig, explicit: set, scale: str = "safety",
                    out: Path = Path("runs/copsd-demo"), cache_dir: Optional[str] = None,
                    objective: str = "sampled", cross_sft_epochs: int = 2, progress: bool = True,
-                   resume: bool = False, log=print) -> dict:
+                   resume: bool = False, log=print, n_eval: int = SAFETY_EVAL_N,
+                   n_cross_sft: int = CROSS_SFT_PROMPTS) -> dict:
     from pyopd.tasks.prepare import prepare_models
     from pyopd.tasks.safety import CONSTITUTION, SafetyTask
     from pyopd.trainers.copsd import SLOT, wrap
@@ -237,7 +238,7 @@ def run_copsd_demo(base: OPDConfig, explicit: set, scale: str = "safety",
     tok = prepared.load_tokenizer()
     task = SafetyTask()
     template = f"C:{CONSTITUTION}\n{SLOT}"
-    examples = task.eval_set(SAFETY_EVAL_N)
+    examples = task.eval_set(n_eval)
     max_new = max(len(e.answer) for e in examples) + 6
     evaluate = make_safety_evaluator(tok, examples, max_new)
     overrides = {k: v for k, v in COPSD_DEFAULTS.items() if k not in explicit}
@@ -249,7 +250,7 @@ def run_copsd_demo(base: OPDConfig, explicit: set, scale: str = "safety",
     out.mkdir(parents=True, exist_ok=True)
     teacher_dir = out / "teacher-cross-sft"
     cross = cross_sft_teacher(prepared, tok, task, template, teacher_dir, cross_sft_epochs,
-                              base.seed, max_new, log=log)
+                              base.seed, max_new, n_prompts=n_cross_sft, log=log)
     initial = prepared.load_student()
 
     def prompts(step: int, count: int, rng: random.Random) -> PromptBatch:

@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from pyopd.tasks.models import ModelSpec, build_model, num_params, padded_vocab
 from pyopd.tasks.recipe import evaluate, train_sft
 from pyopd.tasks.base import Task
-from pyopd.tasks.registry import MixedTask, get_task
+from pyopd.tasks.registry import get_task
 from pyopd.tasks.tokenizer import VOCAB, VOCAB_SIZE, build_tokenizer
 
 RECIPE_VERSION = 1  # bump whenever training code changes what a recipe produces
@@ -61,6 +61,7 @@ class Scale:
 
     models: tuple[ModelRecipe, ...]
     eval_n: int = 256
+    eval_tasks: tuple[str, ...] = ("arith", "strings")  # reported accuracies (held out of SFT)
 
 
 def _scales() -> dict[str, Scale]:
@@ -92,6 +93,21 @@ def _scales() -> dict[str, Scale]:
             ),
             eval_n=8,
         ),
+        # COPSD: one rule-following base model (it is the initial student, and with the
+        # constitution in context the OPSD teacher). Its accuracy on the bare-prompt safety
+        # task is low by design: without a rule it complies with every request.
+        "safety": Scale(
+            models=(ModelRecipe("student", "rules", ModelSpec(hidden_size=128, num_layers=2, num_heads=4,
+                                                              max_positions=320), steps=700, batch_size=48),),
+            eval_n=128,
+            eval_tasks=("safety", "rules"),
+        ),
+        "safety-tiny": Scale(
+            models=(ModelRecipe("student", "rules", ModelSpec(hidden_size=32, num_layers=1, num_heads=2,
+                                                              max_positions=320), steps=2, batch_size=8),),
+            eval_n=8,
+            eval_tasks=("safety",),
+        ),
     }
 
 
@@ -114,6 +130,7 @@ def recipe_key(scale: str, seed: int) -> str:
         "seed": seed,
         "models": [asdict(m) for m in SCALES[scale].models],
         "eval_n": SCALES[scale].eval_n,
+        "eval_tasks": list(SCALES[scale].eval_tasks),
         "tasks": {m.name: m.make_task().config() for m in SCALES[scale].models},
         "vocab": sorted(VOCAB.items(), key=lambda kv: kv[1]),
     }
@@ -213,8 +230,8 @@ def _build(out: Path, scale: str, seed: int, key: str, say: Log) -> None:
     out.mkdir(parents=True)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out / "tokenizer")
-    families = MixedTask().tasks
-    evals = {name: task.eval_set(SCALES[scale].eval_n // 2) for name, task in families.items()}
+    families = {name: get_task(name) for name in SCALES[scale].eval_tasks}
+    evals = {name: task.eval_set(SCALES[scale].eval_n // len(families)) for name, task in families.items()}
     held_out = [e.prompt for ev in evals.values() for e in ev]
     metrics: dict[str, dict] = {}
     for recipe in SCALES[scale].models:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from pyopd.tasks.arithmetic import ArithmeticTask
 from pyopd.tasks.base import EVAL_SEED, Example, Task
+from pyopd.tasks.rules import RuleFollowingTask
 from pyopd.tasks.safety import SafetyTask
 from pyopd.tasks.strings import StringTask
 
@@ -62,6 +63,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "strings": StringTask,
     "mixed": MixedTask,
     "safety": SafetyTask,
+    "rules": RuleFollowingTask,
 }
 
 
