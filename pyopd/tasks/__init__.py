@@ -7,6 +7,10 @@ Everything is built in code and trained in-process; nothing is downloaded.
     >>> prepared = prepare_models("demo")         # trains once (~minutes), then cached
     >>> tok, student = prepared.load_tokenizer(), prepared.load_student()
     >>> teacher = prepared.load_teacher("mixed")  # or the specialists "arith" / "strings"
+
+Demo scale (seed 0): student 0.34M params (vocab 100) ~30% greedy accuracy per
+family; specialists 0.34M (vocab 112) and a 1.1M generalist (vocab 112) at
+~80-90%.  ``prepared.describe()`` prints the measured numbers of a cache entry.
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ from pyopd.tasks.models import ModelSpec, build_model
 from pyopd.tasks.prepare import SCALES, Prepared, default_cache_dir, prepare_models
 from pyopd.tasks.recipe import evaluate, generate, train_sft
 from pyopd.tasks.registry import TASKS, MixedTask, get_task
+from pyopd.tasks.safety import CONSTITUTION, REFUSAL, SafetyTask, is_refusal, safety_report, with_constitution
 from pyopd.tasks.strings import StringTask
 from pyopd.tasks.tokenizer import build_tokenizer
 
 __all__ = [
-    "EVAL_SEED", "SCALES", "TASKS",
-    "ArithmeticTask", "Example", "MixedTask", "ModelSpec", "Prepared", "StringTask", "Task",
+    "CONSTITUTION", "EVAL_SEED", "REFUSAL", "SCALES", "TASKS",
+    "ArithmeticTask", "Example", "MixedTask", "ModelSpec", "Prepared", "SafetyTask", "StringTask", "Task",
     "build_model", "build_tokenizer", "default_cache_dir", "evaluate", "final_answer", "generate",
-    "get_task", "prepare_models", "train_sft",
+    "get_task", "is_refusal", "prepare_models", "safety_report", "train_sft", "with_constitution",
 ]

@@ -1,7 +1,7 @@
 """Tiny causal LMs built from a ``transformers`` config (random init, no downloads)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -18,9 +18,6 @@ class ModelSpec:
     vocab_size: int | None = None
     max_positions: int = 256
     tie_word_embeddings: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def padded_vocab(n: int, multiple: int = 16) -> int:
