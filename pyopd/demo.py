@@ -42,9 +42,12 @@ def make_evaluator(task, tokenizer, examples, max_new_tokens: int):
     return evaluate
 
 
-def make_prompt_source(task, teacher_for):
+def make_prompt_source(task, teacher_for, exclude=()):
+    """Training prompts drawn fresh each step; ``exclude`` keeps the eval prompts out."""
+    excluded = frozenset(exclude)
+
     def prompts(step: int, count: int, rng: random.Random) -> PromptBatch:
-        examples = task.sample(count, rng)
+        examples = task.sample(count, rng, exclude=excluded)
         return PromptBatch([e.prompt for e in examples], [teacher_for(e) for e in examples],
                            meta=examples)
 
@@ -58,7 +61,8 @@ def run_demo(base: OPDConfig, explicit: set, scale: str = "demo", out: Path = Pa
     from pyopd.tasks.registry import get_task
 
     t_start = time.time()
-    prepared = prepare_models(scale=scale, cache_dir=cache_dir, seed=0, log=log)
+    # One thread while preparing: two cores shared with anything else thrash otherwise.
+    prepared = prepare_models(scale=scale, cache_dir=cache_dir, seed=0, log=log, num_threads=1)
     t_prep = time.time() - t_start
     tok = prepared.load_tokenizer()
     task = get_task("mixed")
@@ -86,7 +90,8 @@ def run_demo(base: OPDConfig, explicit: set, scale: str = "demo", out: Path = Pa
         torch.manual_seed(base.seed)
         student = prepared.load_student()
         cfg = replace(base, loss=loss, out_dir=str(out / loss))
-        trainer = OPDTrainer(cfg, student, teachers, tok, make_prompt_source(task, teacher_for),
+        source = make_prompt_source(task, teacher_for, exclude=[e.prompt for e in examples])
+        trainer = OPDTrainer(cfg, student, teachers, tok, source,
                              evaluate=evaluate, log=log, progress=progress)
         t0 = time.time()
         hist = trainer.train(resume=resume)
@@ -135,7 +140,7 @@ def format_table(summary: dict) -> str:
 
 # ============================================================================ COPSD
 
-COPSD_DEFAULTS = dict(steps=24, prompts_per_step=12, n=4, lr=2e-4, eval_every=6, save_every=6,
+COPSD_DEFAULTS = dict(steps=24, prompts_per_step=12, n=4, lr=2e-4, eval_every=8, save_every=8,
                       micro_batch=24, dual_clip=3.0)
 SAFETY_EVAL_N = 150
 CROSS_SFT_PROMPTS = 384
@@ -234,7 +239,7 @@ def run_copsd_demo(base: OPDConfig, explicit: set, scale: str = "safety",
     from pyopd.trainers.copsd import SLOT, wrap
 
     t_start = time.time()
-    prepared = prepare_models(scale=scale, cache_dir=cache_dir, seed=0, log=log)
+    prepared = prepare_models(scale=scale, cache_dir=cache_dir, seed=0, log=log, num_threads=1)
     tok = prepared.load_tokenizer()
     task = SafetyTask()
     template = f"C:{CONSTITUTION}\n{SLOT}"
