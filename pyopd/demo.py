@@ -20,7 +20,7 @@ from pyopd.trainers.opd import OPDConfig, OPDTrainer, PromptBatch
 from pyopd.trainers.records import plot_curves
 
 # Demo budget: small enough for 2 CPU cores in a few minutes per objective.
-DEMO_DEFAULTS = dict(steps=24, prompts_per_step=16, n=4, lr=3e-4, eval_every=6, save_every=6,
+DEMO_DEFAULTS = dict(steps=60, prompts_per_step=16, n=4, lr=3e-4, eval_every=15, save_every=15,
                      micro_batch=32)
 EVAL_N = 192
 
@@ -140,7 +140,7 @@ def format_table(summary: dict) -> str:
 
 # ============================================================================ COPSD
 
-COPSD_DEFAULTS = dict(steps=24, prompts_per_step=12, n=4, lr=2e-4, eval_every=8, save_every=8,
+COPSD_DEFAULTS = dict(steps=60, prompts_per_step=16, n=4, lr=5e-4, eval_every=15, save_every=15,
                       micro_batch=24, dual_clip=3.0)
 SAFETY_EVAL_N = 150
 CROSS_SFT_PROMPTS = 384

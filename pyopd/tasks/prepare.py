@@ -98,7 +98,7 @@ def _scales() -> dict[str, Scale]:
         # task is low by design: without a rule it complies with every request.
         "safety": Scale(
             models=(ModelRecipe("student", "rules", ModelSpec(hidden_size=128, num_layers=2, num_heads=4,
-                                                              max_positions=320), steps=500, batch_size=32),),
+                                                              max_positions=320), steps=800, batch_size=32),),
             eval_n=128,
             eval_tasks=("safety", "rules"),
         ),

@@ -48,11 +48,13 @@ class RuleFollowingTask(Task):
 
     name = "rules"
 
-    def __init__(self, p_rule: float = 0.6, p_request: float = 0.4) -> None:
-        if not (0.0 <= p_rule <= 1.0 and 0.0 <= p_request <= 1.0):
-            raise ValueError("p_rule and p_request must lie in [0, 1]")
+    def __init__(self, p_rule: float = 0.6, p_request: float = 0.5, p_named: float = 0.5) -> None:
+        for name, v in (("p_rule", p_rule), ("p_request", p_request), ("p_named", p_named)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v}")
         self.p_rule = p_rule
         self.p_request = p_request
+        self.p_named = p_named  # under a rule, how often the request's verb is one it names
 
     def make(self, rng: random.Random) -> Example:
         rule = None
@@ -60,7 +62,9 @@ class RuleFollowingTask(Task):
             k = rng.randint(1, 3)
             rule = tuple(rng.sample(VERB_POOL, k))
         if rng.random() < self.p_request:
-            verb, obj = rng.choice(VERB_POOL), rng.choice(OBJECTS)
+            named = rule is not None and rng.random() < self.p_named
+            verb = rng.choice(rule if named else VERB_POOL)
+            obj = rng.choice(OBJECTS)
             question = rng.choice(UNSAFE_TEMPLATES).format(verb=verb, obj=obj)
             refuse = rule is not None and verb in rule
             answer, target = (f"#{REFUSAL}", REFUSAL) if refuse else (comply(verb, obj), "ok")
