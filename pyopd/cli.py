@@ -132,7 +132,14 @@ def _run_fire_opd(args) -> int:
                          max_new_tokens=args.max_new_tokens, lr=args.lr,
                          eval_every=args.eval_every, save_every=args.save_every)
     base = _config_from(args, **cfg_overrides)
-    run_demo(base, explicit={k for k, v in cfg_overrides.items() if v is not None},
+    from pyopd.trainers.opd import LOSSES
+
+    losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
+    bad = [x for x in losses if x not in LOSSES or x in ("exopd", "copsd")]
+    if not losses or bad:
+        raise UsageError(f"--losses: unknown or unsupported in the demo: {bad}; pick from "
+                         f"{[x for x in LOSSES if x not in ('exopd', 'copsd')]}")
+    run_demo(base, losses=losses, explicit={k for k, v in cfg_overrides.items() if v is not None},
              scale=args.scale, out=Path(args.out or "runs/fire-opd-demo"),
              cache_dir=args.cache_dir, multi_teacher=args.multi_teacher,
              progress=not args.no_progress, resume=args.resume)
@@ -336,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where the built-in models are cached")
     p.add_argument("--multi-teacher", action="store_true",
                    help="demo: route each sample to its family's specialist teacher")
+    p.add_argument("--losses", default="opd,fire,rkl,fire-rkl",
+                   help="demo: objectives to compare, each from the same start (default %(default)s)")
     _add_opd_args(p)
     p = sub.add_parser("copsd", help="COPSD: the demo, or a run with real models")
     p.add_argument("--student", help="student model directory (save_pretrained)")

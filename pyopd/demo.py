@@ -125,15 +125,16 @@ def run_demo(base: OPDConfig, explicit: set, scale: str = "demo", out: Path = Pa
 def format_table(summary: dict) -> str:
     res = summary["results"]
     first = next(iter(res.values()))
-    rows = [("student (start)", first["before"], None, None)]
-    names = {"opd": "after OPD", "fire": "after FiRe-OPD"}
+    rows = [("student (start)", first["before"], None, None)]  # every run starts from it
+    names = {"opd": "after OPD", "fire": "after FiRe-OPD", "rkl": "after full-vocab RKL",
+             "fire-rkl": "after FiRe + full RKL", "tip": "after TIP"}
     for loss, r in res.items():
         rows.append((names.get(loss, f"after {loss}"), r["after"], r["keep_ratio"], r["tokens_per_s"]))
     teach = ", ".join(f"{k} {v:.3f}" for k, v in summary["teacher_accuracy"].items())
     lines = [f"teacher accuracy: {teach}",
-             f"{'model':<18} {'accuracy':>9} {'keep ratio':>11} {'tokens/s':>9}"]
+             f"{'model':<24} {'accuracy':>9} {'keep ratio':>11} {'tokens/s':>9}"]
     for name, acc, keep, tps in rows:
-        lines.append(f"{name:<18} {acc:>9.3f} "
+        lines.append(f"{name:<24} {acc:>9.3f} "
                      f"{'-' if keep is None else f'{keep:.2f}':>11} {'-' if tps is None else f'{tps:.0f}':>9}")
     return "\n".join(lines)
 
