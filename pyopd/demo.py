@@ -25,10 +25,14 @@ DEMO_DEFAULTS = dict(steps=60, prompts_per_step=16, n=4, lr=3e-4, eval_every=15,
 EVAL_N = 192
 
 
-def make_evaluator(task, tokenizer, examples, max_new_tokens: int):
+def make_evaluator(task, tokenizer, examples, max_new_tokens: int, k: int = 4, n_sampled: int = 64):
+    """Greedy accuracy (overall and per family), plus avg@k and pass@k of k samples (T=1)
+    on the first ``n_sampled`` prompts. Sampling uses its own seed and leaves the global RNG
+    as it was, so evaluating never changes a training run."""
     from pyopd.tasks.recipe import generate
 
     prompts = [e.prompt for e in examples]
+    sub = examples[:n_sampled]
 
     def evaluate(model) -> dict:
         completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
@@ -37,6 +41,16 @@ def make_evaluator(task, tokenizer, examples, max_new_tokens: int):
         for fam in sorted({e.family for e in examples}):
             idx = [i for i, e in enumerate(examples) if e.family == fam]
             res[f"accuracy_{fam}"] = sum(ok[i] for i in idx) / len(idx)
+        if k > 0 and sub:
+            state = torch.get_rng_state()
+            torch.manual_seed(4321)
+            samples = generate(model, tokenizer, [e.prompt for e in sub for _ in range(k)],
+                               max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0)
+            torch.set_rng_state(state)
+            hits = task.score([e for e in sub for _ in range(k)], samples)
+            per = [hits[i * k:(i + 1) * k] for i in range(len(sub))]
+            res[f"avg@{k}"] = sum(map(sum, per)) / (k * len(sub))
+            res[f"pass@{k}"] = sum(any(h) for h in per) / len(sub)
         return res
 
     return evaluate
@@ -84,7 +98,7 @@ def run_demo(base: OPDConfig, explicit: set, scale: str = "demo", out: Path = Pa
     log(f"[pyopd] demo: {scale} models ({'multi-teacher ' + '+'.join(teacher_names) if multi_teacher else 'teacher mixed'}), "
         f"{base.steps} steps x {base.prompts_per_step} prompts x {base.n} samples, seed {base.seed}")
 
-    teacher_eval = {n: evaluate(t)["accuracy"] for n, t in teachers.items()}
+    teacher_eval = {n: evaluate(t)["accuracy"] for n, t in teachers.items()}  # greedy
     runs, results = {}, {}
     for loss in losses:
         torch.manual_seed(base.seed)
@@ -101,6 +115,8 @@ def run_demo(base: OPDConfig, explicit: set, scale: str = "demo", out: Path = Pa
         results[loss] = {
             "before": hist[0].get("eval/accuracy"),
             "after": hist[-1].get("eval/accuracy"),
+            "before_avg@4": hist[0].get("eval/avg@4"), "after_avg@4": hist[-1].get("eval/avg@4"),
+            "before_pass@4": hist[0].get("eval/pass@4"), "after_pass@4": hist[-1].get("eval/pass@4"),
             "after_by_family": {k[len("eval/accuracy_"):]: v for k, v in hist[-1].items()
                                 if k.startswith("eval/accuracy_")},
             "keep_ratio": sum(h.get("keep_ratio", 1.0) for h in steps) / max(1, len(steps)),
@@ -112,8 +128,9 @@ def run_demo(base: OPDConfig, explicit: set, scale: str = "demo", out: Path = Pa
                "total_s": time.time() - t_start, "results": results, "config": vars(base)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    plot = plot_curves(runs, ["eval/accuracy", "teacher_logprob", "loss", "keep_ratio",
-                              "response_length", "student_entropy"], out / "curves.png",
+    plot = plot_curves(runs, ["eval/accuracy", "eval/avg@4", "eval/pass@4", "teacher_logprob", "loss",
+                              "keep_ratio", "response_length", "student_entropy", "kl_mean"],
+                       out / "curves.png",
                        title=f"pyopd demo ({scale}, seed {base.seed})")
     log(format_table(summary))
     if plot is not None:

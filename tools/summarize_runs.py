@@ -26,12 +26,15 @@ def main(dirs: list[str]) -> None:
     first = sums[0]["results"]
     if "opd" in first or "fire" in first:  # FiRe-OPD demo
         print(f"FiRe-OPD demo, seeds {seeds} (mean ± sample std)")
-        print("| model | accuracy | keep ratio | tokens/s |\n|---|---|---|---|")
-        print(f"| student (start) | {_stat([s['results']['opd']['before'] for s in sums])} | - | - |")
+        print("| model | greedy accuracy | avg@4 | pass@4 | keep ratio | tokens/s |\n|---|---|---|---|---|---|")
+        r0 = [s["results"][next(iter(first))] for s in sums]
+        print(f"| student (start) | {_stat([r['before'] for r in r0])} | "
+              f"{_stat([r['before_avg@4'] for r in r0])} | {_stat([r['before_pass@4'] for r in r0])} | - | - |")
         for key in first:
             name = f"after {key}"
             rs = [s["results"][key] for s in sums]
-            print(f"| {name} | {_stat([r['after'] for r in rs])} | "
+            print(f"| {name} | {_stat([r['after'] for r in rs])} | {_stat([r['after_avg@4'] for r in rs])} | "
+                  f"{_stat([r['after_pass@4'] for r in rs])} | "
                   f"{_stat([r['keep_ratio'] for r in rs])} | {_stat([r['tokens_per_s'] for r in rs])} |")
         if "fire" in first and "opd" in first:
             diff = [s["results"]["fire"]["after"] - s["results"]["opd"]["after"] for s in sums]
