@@ -20,11 +20,12 @@ PYOPD_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-build-is
   | tee -a "$OUT/machine.txt"
 
 # CUDA tests only (the CPU ones run in CI); -p no:cacheprovider keeps the tree clean.
-python3 -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log"
+# -P: do not put the checkout on sys.path (its pyopd/ has no built module).
+python3 -P -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 PYOPD_BENCH_DEVICE=cuda PYOPD_BENCH_OUT="$OUT/bench.md" \
-  python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
+  python3 -P -m pytest bench -q -p no:cacheprovider --benchmark-only \
   --benchmark-json="$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 echo "cuda tests rc=$tests_rc"
 exit "$tests_rc"
