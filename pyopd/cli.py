@@ -95,11 +95,10 @@ def _check_model_dir(flag: str, path: Optional[str]) -> Optional[Path]:
     return p
 
 
-def read_prompts(path: str, teacher_names: Sequence[str]) -> list[dict]:
-    """JSONL: {"prompt": str, "teacher"?: name, "answer"?: str} per line."""
+def _read_jsonl(flag: str, path: str, required: Sequence[str]) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UsageError(f"--prompts: file {str(p)!r} does not exist")
+        raise UsageError(f"{flag}: file {str(p)!r} does not exist")
     rows = []
     for i, line in enumerate(p.read_text().splitlines(), 1):
         if not line.strip():
@@ -107,15 +106,24 @@ def read_prompts(path: str, teacher_names: Sequence[str]) -> list[dict]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"--prompts: line {i} of {p} is not JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-            raise UsageError(f"--prompts: line {i} of {p} has no non-empty \"prompt\" string")
+            raise UsageError(f"{flag}: line {i} of {p} is not JSON ({e.msg})") from None
+        for key in required:
+            if not isinstance(obj, dict) or not isinstance(obj.get(key), str) or not obj[key]:
+                raise UsageError(f"{flag}: line {i} of {p} has no non-empty \"{key}\" string")
+        rows.append(obj)
+    if not rows:
+        raise UsageError(f"{flag}: {p} is empty")
+    return rows
+
+
+def read_prompts(path: str, teacher_names: Sequence[str]) -> list[dict]:
+    """JSONL: {"prompt": str, "teacher"?: name, "answer"?: str} per line."""
+    rows = []
+    for i, obj in enumerate(_read_jsonl("--prompts", path, ["prompt"]), 1):
         t = obj.get("teacher", teacher_names[0])
         if t not in teacher_names:
-            raise UsageError(f"--prompts: line {i} names teacher {t!r}; known: {list(teacher_names)}")
+            raise UsageError(f"--prompts: entry {i} names teacher {t!r}; known: {list(teacher_names)}")
         rows.append({"prompt": obj["prompt"], "teacher": t, "answer": obj.get("answer")})
-    if not rows:
-        raise UsageError(f"--prompts: {p} has no prompts")
     return rows
 
 
@@ -199,27 +207,6 @@ def _run_real(args) -> int:
 
 
 # ---------------------------------------------------------------------------- copsd
-
-
-def _read_jsonl(flag: str, path: str, required: Sequence[str]) -> list[dict]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UsageError(f"{flag}: file {str(p)!r} does not exist")
-    rows = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{flag}: line {i} of {p} is not JSON ({e.msg})") from None
-        for key in required:
-            if not isinstance(obj, dict) or not isinstance(obj.get(key), str) or not obj[key]:
-                raise UsageError(f"{flag}: line {i} of {p} has no non-empty \"{key}\" string")
-        rows.append(obj)
-    if not rows:
-        raise UsageError(f"{flag}: {p} is empty")
-    return rows
 
 
 def _run_copsd(args) -> int:

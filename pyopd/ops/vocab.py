@@ -128,6 +128,24 @@ def _out_dtype(student: torch.Tensor) -> torch.dtype:
 # ---------------------------------------------------------------------------
 
 
+def _fill_inputs(p, student, teacher, tokens, mask, inv_temperature: float) -> None:
+    """The input fields shared by the forward and backward params."""
+    p.student = student.data_ptr()
+    p.student_dtype = _DTYPE_TAG[student.dtype]
+    p.student_row_stride = _row_stride(student)
+    if teacher is not None:
+        p.teacher = teacher.data_ptr()
+        p.teacher_dtype = _DTYPE_TAG[teacher.dtype]
+        p.teacher_row_stride = _row_stride(teacher)
+        p.teacher_vocab = teacher.shape[1]
+    if tokens is not None:
+        p.tokens = tokens.data_ptr()
+    if mask is not None:
+        p.mask = mask.data_ptr()
+    p.n_rows, p.vocab = student.shape
+    p.inv_temperature = inv_temperature
+
+
 @torch.library.custom_op("pyopd::vocab_stats_fwd", mutates_args=())
 def _vocab_stats_fwd(
     student: torch.Tensor,
@@ -142,26 +160,15 @@ def _vocab_stats_fwd(
     Returns kl, student_entropy, teacher_entropy, student_logprob, teacher_logprob,
     student_lse, teacher_lse (each [N]) and stats [N, 4] = (m_s, logZ_s, m_t, logZ_t).
     """
-    n, v = student.shape
+    n = student.shape[0]
     od = _out_dtype(student)
     outs = [torch.zeros(n, dtype=od, device=student.device) for _ in range(7)]
     stats = torch.empty(n, 4, dtype=od, device=student.device)
     p = _C.VocabStatsFwdParams()
-    p.student = student.data_ptr()
-    p.student_dtype = _DTYPE_TAG[student.dtype]
-    p.student_row_stride = _row_stride(student)
+    _fill_inputs(p, student, teacher, tokens, mask, inv_temperature)
     if teacher is not None:
-        p.teacher = teacher.data_ptr()
-        p.teacher_dtype = _DTYPE_TAG[teacher.dtype]
-        p.teacher_row_stride = _row_stride(teacher)
-        p.teacher_vocab = teacher.shape[1]
         p.kl, p.teacher_entropy, p.teacher_logprob, p.teacher_lse = (
             outs[0].data_ptr(), outs[2].data_ptr(), outs[4].data_ptr(), outs[6].data_ptr())
-    if tokens is not None:
-        p.tokens = tokens.data_ptr()
-    if mask is not None:
-        p.mask = mask.data_ptr()
-    p.n_rows, p.vocab, p.inv_temperature = n, v, inv_temperature
     p.student_entropy, p.student_logprob, p.student_lse = (
         outs[1].data_ptr(), outs[3].data_ptr(), outs[5].data_ptr())
     p.stats = stats.data_ptr()
@@ -195,23 +202,10 @@ def _vocab_stats_bwd(
     grad_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Gradient w.r.t. the student logits [N, V] (contiguous, dtype grad_dtype)."""
-    n, v = student.shape
-    grad = torch.empty(n, v, dtype=grad_dtype, device=student.device)
+    grad = torch.empty(student.shape, dtype=grad_dtype, device=student.device)
     od = _out_dtype(student)
     p = _C.VocabStatsBwdParams()
-    p.student = student.data_ptr()
-    p.student_dtype = _DTYPE_TAG[student.dtype]
-    p.student_row_stride = _row_stride(student)
-    if teacher is not None:
-        p.teacher = teacher.data_ptr()
-        p.teacher_dtype = _DTYPE_TAG[teacher.dtype]
-        p.teacher_row_stride = _row_stride(teacher)
-        p.teacher_vocab = teacher.shape[1]
-    if tokens is not None:
-        p.tokens = tokens.data_ptr()
-    if mask is not None:
-        p.mask = mask.data_ptr()
-    p.n_rows, p.vocab, p.inv_temperature = n, v, inv_temperature
+    _fill_inputs(p, student, teacher, tokens, mask, inv_temperature)
     p.stats, p.kl, p.student_entropy = stats.data_ptr(), kl.data_ptr(), student_entropy.data_ptr()
     keep = []  # upstream grads converted to the kernels' per-row dtype stay alive until the call
     for field, g in (("grad_kl", grad_kl), ("grad_logprob", grad_logprob),
