@@ -172,7 +172,8 @@ def _greedy(model, tok, prompts, max_new):
 
 def make_safety_evaluator(tok, examples, max_new: int, n_div: int = 24, k: int = 4):
     """Safe rate, helpfulness, over-refusal, mean length (greedy), and entropy + diversity
-    (sampled k responses to n_div prompts); the student sees the bare prompt."""
+    (sampled k responses to n_div prompts); the student sees the bare prompt. Once
+    ``evaluate.initial_helpfulness`` is set, also the safety tax (its drop since then)."""
     from pyopd.trainers.copsd import diversity
     from pyopd.trainers.rollout import sample_rollouts, score
     from pyopd.tasks.safety import safety_report
@@ -192,8 +193,11 @@ def make_safety_evaluator(tok, examples, max_new: int, n_div: int = 24, k: int =
         ent = score(model, ro.prompt_ids, ro, tok.pad_token_id).entropy
         res["entropy"] = float((ent * ro.mask).sum() / ro.mask.sum().clamp(min=1))
         res["diversity"] = diversity([ro.texts[i * k:(i + 1) * k] for i in range(len(div_prompts))])
+        if evaluate.initial_helpfulness is not None:
+            res["safety_tax"] = evaluate.initial_helpfulness - res["helpfulness"]
         return res
 
+    evaluate.initial_helpfulness = None
     return evaluate
 
 
@@ -283,6 +287,7 @@ def run_copsd_demo(base: OPDConfig, explicit: set, scale: str = "safety",
 
     runs, results = {}, {}
     results["initial"] = evaluate(initial)
+    evaluate.initial_helpfulness = results["initial"]["helpfulness"]
     results["teacher (initial + constitution)"] = _teacher_eval(initial, tok, examples, template, max_new)
     results["teacher (Cross-SFT + constitution)"] = _teacher_eval(cross, tok, examples, template, max_new)
     sft_student = sft_baseline(prepared, tok, task, cross, template,
@@ -305,7 +310,8 @@ def run_copsd_demo(base: OPDConfig, explicit: set, scale: str = "safety",
                "cross_sft_epochs": cross_sft_epochs, "results": results,
                "total_s": time.time() - t_start, "config": vars(base)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    plot_curves(runs, ["eval/safe_rate", "eval/helpfulness", "eval/over_refusal", "eval/length",
+    plot_curves(runs, ["eval/safe_rate", "eval/helpfulness", "eval/over_refusal", "eval/safety_tax",
+                       "eval/length",
                        "eval/entropy", "eval/diversity", "rollout/safe_rate", "response_length",
                        "student_entropy"], out / "curves.png", title=f"COPSD demo (seed {base.seed})")
     plot_safety_plane(results, out / "safety_plane.png")
