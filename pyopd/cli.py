@@ -131,6 +131,23 @@ def _vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
+def check_shared_vocab(flag: str, student_tok, model_dir: Path) -> None:
+    """When ``model_dir`` ships a tokenizer, every student token must have the same id there.
+
+    The fused KL compares logits id by id (DESIGN.md section 2): a teacher whose
+    tokenizer numbers tokens differently would be compared against the wrong rows.
+    """
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    for token, idx in sorted(student_tok.get_vocab().items(), key=lambda kv: kv[1]):
+        if theirs.get(token) != idx:
+            raise UsageError(f"{flag}: its tokenizer gives token {token!r} id {theirs.get(token)}, the "
+                             f"student's gives {idx}; teacher and student must share the vocabulary")
+
+
 def _run_fire_opd(args) -> int:
     if args.student or args.teacher or args.teacher2 or args.prompts:
         return _run_real(args)
@@ -187,6 +204,9 @@ def _run_real(args) -> int:
         if _vocab_size(t) < _vocab_size(student):
             raise UsageError(f"--{name}: vocabulary {_vocab_size(t)} is smaller than the student's "
                              f"{_vocab_size(student)}; teacher and student must share the tokenizer")
+    check_shared_vocab("--teacher", tok, teacher_dir)
+    if teacher2_dir:
+        check_shared_vocab("--teacher2", tok, teacher2_dir)
     reference = None
     if cfg.loss == "exopd":
         reference = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
@@ -278,6 +298,7 @@ def _run_copsd(args) -> int:
     if _vocab_size(teacher) < _vocab_size(student):
         raise UsageError(f"--teacher: vocabulary {_vocab_size(teacher)} is smaller than the student's "
                          f"{_vocab_size(student)}; teacher and student must share the tokenizer")
+    check_shared_vocab("--teacher", tok, teacher_dir)
     if args.baseline != "opsd" and not (out / "teacher-cross-sft" / "config.json").is_file():
         records = build_cross_sft_set(
             [(r["category"], r["prompt"]) for r in prompts],

@@ -200,3 +200,20 @@ def test_cli_real_models_run_and_resume(prepared, tmp_path, capsys):
     assert rc == 2 and "--resume" in io.err
     rc, _ = _run_cli(argv + ["--steps", "2", "--resume"], capsys)
     assert rc == 0 and (out / "checkpoint-2" / "COMPLETE").is_file()
+
+
+def test_cli_teacher_tokenizer_that_numbers_tokens_differently(prepared, tmp_path, capsys):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(prepared.teacher_dirs["mixed"], teacher)
+    spec = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same size, two ids swapped
+    (teacher / "tokenizer.json").write_text(json.dumps(spec))
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "Q:1+2=?\\nA:"}\n')
+    rc, io = _run_cli(["fire-opd", "--student", str(prepared.student_dir), "--teacher", str(teacher),
+                       "--prompts", str(good), "--out", str(tmp_path / "o"), "--no-progress"], capsys)
+    assert rc == 2 and "share the vocabulary" in io.err and "'a'" in io.err
+    assert not (tmp_path / "o").exists()
