@@ -131,6 +131,30 @@ def _vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
+def _refuse_existing_run(out_dir: str, resume: bool) -> None:
+    if not resume and any(Path(out_dir).glob("checkpoint-*")):
+        raise UsageError(f"--out {out_dir!r} already has checkpoints: pass --resume or another --out")
+
+
+def _load_tokenizer(model_dir: Path):
+    """The student's tokenizer, left-padded for generation, with a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _check_teacher(flag: str, teacher, teacher_dir: Path, student, student_tok) -> None:
+    """The teacher covers every student id (Vt >= V) and numbers the tokens the same way."""
+    if _vocab_size(teacher) < _vocab_size(student):
+        raise UsageError(f"{flag}: vocabulary {_vocab_size(teacher)} is smaller than the student's "
+                         f"{_vocab_size(student)}; teacher and student must share the tokenizer")
+    check_shared_vocab(flag, student_tok, teacher_dir)
+
+
 def check_shared_vocab(flag: str, student_tok, model_dir: Path) -> None:
     """When ``model_dir`` ships a tokenizer, every student token must have the same id there.
 
@@ -185,28 +209,21 @@ def _run_real(args) -> int:
                        steps=args.steps, prompts_per_step=args.prompts_per_step, n=args.n,
                        max_new_tokens=args.max_new_tokens, lr=args.lr,
                        eval_every=args.eval_every, save_every=args.save_every)
+    _refuse_existing_run(cfg.out_dir, args.resume)
     import random
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from pyopd.trainers.opd import OPDTrainer, PromptBatch
 
-    tok = AutoTokenizer.from_pretrained(student_dir)
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = _load_tokenizer(student_dir)
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-    teachers = {"teacher": AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)}
-    if teacher2_dir:
-        teachers["teacher2"] = AutoModelForCausalLM.from_pretrained(teacher2_dir, dtype=torch.float32)
-    for name, t in teachers.items():
-        if _vocab_size(t) < _vocab_size(student):
-            raise UsageError(f"--{name}: vocabulary {_vocab_size(t)} is smaller than the student's "
-                             f"{_vocab_size(student)}; teacher and student must share the tokenizer")
-    check_shared_vocab("--teacher", tok, teacher_dir)
-    if teacher2_dir:
-        check_shared_vocab("--teacher2", tok, teacher2_dir)
+    teacher_dirs = {"teacher": teacher_dir, **({"teacher2": teacher2_dir} if teacher2_dir else {})}
+    teachers = {}
+    for name, d in teacher_dirs.items():
+        teachers[name] = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        _check_teacher(f"--{name}", teachers[name], d, student, tok)
     reference = None
     if cfg.loss == "exopd":
         reference = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
@@ -217,8 +234,6 @@ def _run_real(args) -> int:
 
     trainer = OPDTrainer(cfg, student, teachers, tok, prompts, reference=reference,
                          progress=not args.no_progress)
-    if not args.resume and any(Path(cfg.out_dir).glob("checkpoint-*")):
-        raise UsageError(f"--out {cfg.out_dir!r} already has checkpoints: pass --resume or another --out")
     t0 = time.time()
     hist = trainer.train(resume=args.resume)
     print(f"[pyopd] {cfg.loss}: {len(hist)} steps in {time.time() - t0:.0f}s; "
@@ -278,27 +293,20 @@ def _run_copsd(args) -> int:
                        max_new_tokens=args.max_new_tokens, lr=args.lr, eval_every=args.eval_every,
                        save_every=args.save_every, dual_clip=args.dual_clip if args.dual_clip else 3.0)
     out = Path(cfg.out_dir)
-    if not args.resume and any(out.glob("checkpoint-*")):
-        raise UsageError(f"--out {cfg.out_dir!r} already has checkpoints: pass --resume or another --out")
+    _refuse_existing_run(cfg.out_dir, args.resume)
     import random
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from pyopd.tasks.recipe import generate
     from pyopd.trainers.copsd import build_cross_sft_set, sft_epochs, wrap
     from pyopd.trainers.opd import OPDTrainer, PromptBatch
 
-    tok = AutoTokenizer.from_pretrained(student_dir)
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = _load_tokenizer(student_dir)
     load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)  # noqa: E731
     student, initial, teacher = load(student_dir), load(student_dir), load(teacher_dir)
-    if _vocab_size(teacher) < _vocab_size(student):
-        raise UsageError(f"--teacher: vocabulary {_vocab_size(teacher)} is smaller than the student's "
-                         f"{_vocab_size(student)}; teacher and student must share the tokenizer")
-    check_shared_vocab("--teacher", tok, teacher_dir)
+    _check_teacher("--teacher", teacher, teacher_dir, student, tok)
     if args.baseline != "opsd" and not (out / "teacher-cross-sft" / "config.json").is_file():
         records = build_cross_sft_set(
             [(r["category"], r["prompt"]) for r in prompts],
