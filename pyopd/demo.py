@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from pyopd.trainers.opd import OPDConfig, OPDTrainer, PromptBatch
-from pyopd.trainers.records import plot_curves
+from pyopd.trainers.records import plot_curves, plot_safety_plane
 
 # Demo budget: small enough for 2 CPU cores in a few minutes per objective.
 DEMO_DEFAULTS = dict(steps=60, prompts_per_step=16, n=4, lr=3e-4, eval_every=15, save_every=15,
@@ -176,15 +176,12 @@ def make_safety_evaluator(tok, examples, max_new: int, n_div: int = 24, k: int =
     ``evaluate.initial_helpfulness`` is set, also the safety tax (its drop since then)."""
     from pyopd.trainers.copsd import diversity
     from pyopd.trainers.rollout import sample_rollouts, score
-    from pyopd.tasks.safety import safety_report
 
     prompts = [e.prompt for e in examples]
     div_prompts = prompts[:n_div]
 
     def evaluate(model) -> dict:
-        comps = _greedy(model, tok, prompts, max_new)
-        res = safety_report(examples, comps)
-        res["length"] = sum(len(c) for c in comps) / len(comps)
+        res = _greedy_safety(model, tok, examples, prompts, max_new)
         g = torch.Generator().manual_seed(1234)
         state = torch.get_rng_state()
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
@@ -321,14 +318,20 @@ def run_copsd_demo(base: OPDConfig, explicit: set, scale: str = "safety",
     return summary
 
 
-def _teacher_eval(model, tok, examples, template, max_new) -> dict:
+def _greedy_safety(model, tok, examples, prompts, max_new) -> dict:
+    """Safe rate, helpfulness, over-refusal and mean length of greedy answers to ``prompts``."""
     from pyopd.tasks.safety import safety_report
-    from pyopd.trainers.copsd import wrap
 
-    comps = _greedy(model, tok, [wrap(template, e.prompt) for e in examples], max_new)
+    comps = _greedy(model, tok, prompts, max_new)
     res = safety_report(examples, comps)
     res["length"] = sum(len(c) for c in comps) / len(comps)
     return res
+
+
+def _teacher_eval(model, tok, examples, template, max_new) -> dict:
+    from pyopd.trainers.copsd import wrap
+
+    return _greedy_safety(model, tok, examples, [wrap(template, e.prompt) for e in examples], max_new)
 
 
 def format_copsd_table(summary: dict) -> str:
@@ -341,28 +344,3 @@ def format_copsd_table(summary: dict) -> str:
             cells.append(f"{'-' if v is None else f'{v:.3f}':>13}")
         lines.append(f"{name:<36}" + "".join(cells))
     return "\n".join(lines)
-
-
-def plot_safety_plane(results: dict, out: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, r in results.items():
-        if "safe_rate" in r and "helpfulness" in r:
-            ax.scatter(r["helpfulness"], r["safe_rate"], s=40)
-            ax.annotate(name, (r["helpfulness"], r["safe_rate"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("helpfulness (benign accuracy)")
-    ax.set_ylabel("safe rate (unsafe refused)")
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_ylim(-0.05, 1.05)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out

@@ -29,15 +29,23 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
-def plot_curves(runs: dict[str, Sequence[dict]], keys: Iterable[str], out: Path,
-                title: str = "") -> Optional[Path]:
-    """One panel per metric key, one line per run. Returns None without matplotlib."""
+def _pyplot():
+    """matplotlib.pyplot on the headless Agg backend, or None when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_curves(runs: dict[str, Sequence[dict]], keys: Iterable[str], out: Path,
+                title: str = "") -> Optional[Path]:
+    """One panel per metric key, one line per run. Returns None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
         return None
     keys = [k for k in keys if any(k in r for recs in runs.values() for r in recs)]
     if not keys:
@@ -61,6 +69,28 @@ def plot_curves(runs: dict[str, Sequence[dict]], keys: Iterable[str], out: Path,
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_safety_plane(results: dict, out: Path) -> Optional[Path]:
+    """Each model as a point: helpfulness (x) against safe rate (y)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, r in results.items():
+        if "safe_rate" in r and "helpfulness" in r:
+            ax.scatter(r["helpfulness"], r["safe_rate"], s=40)
+            ax.annotate(name, (r["helpfulness"], r["safe_rate"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("helpfulness (benign accuracy)")
+    ax.set_ylabel("safe rate (unsafe refused)")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
