@@ -99,6 +99,7 @@ def run_demo(base: OPDConfig, explicit: set, scale: str = "demo", out: Path = Pa
         f"{base.steps} steps x {base.prompts_per_step} prompts x {base.n} samples, seed {base.seed}")
 
     teacher_eval = {n: evaluate(t)["accuracy"] for n, t in teachers.items()}  # greedy
+    start_eval = evaluate(prepared.load_student())  # every objective starts from this student
     runs, results = {}, {}
     for loss in losses:
         torch.manual_seed(base.seed)
@@ -108,7 +109,7 @@ def run_demo(base: OPDConfig, explicit: set, scale: str = "demo", out: Path = Pa
         trainer = OPDTrainer(cfg, student, teachers, tok, source,
                              evaluate=evaluate, log=log, progress=progress)
         t0 = time.time()
-        hist = trainer.train(resume=resume)
+        hist = trainer.train(resume=resume, initial_eval=start_eval)
         wall = time.time() - t0
         steps = [h for h in hist if "loss" in h]
         runs[loss] = hist
@@ -285,6 +286,7 @@ def run_copsd_demo(base: OPDConfig, explicit: set, scale: str = "safety",
     runs, results = {}, {}
     results["initial"] = evaluate(initial)
     evaluate.initial_helpfulness = results["initial"]["helpfulness"]
+    results["initial"]["safety_tax"] = 0.0
     results["teacher (initial + constitution)"] = _teacher_eval(initial, tok, examples, template, max_new)
     results["teacher (Cross-SFT + constitution)"] = _teacher_eval(cross, tok, examples, template, max_new)
     sft_student = sft_baseline(prepared, tok, task, cross, template,
@@ -296,7 +298,7 @@ def run_copsd_demo(base: OPDConfig, explicit: set, scale: str = "safety",
         trainer = OPDTrainer(cfg, prepared.load_student(), {"teacher": teacher}, tok, prompts,
                              evaluate=evaluate, reference=initial, log=log, progress=progress,
                              rollout_metrics=safety_rollout_metrics)
-        hist = trainer.train(resume=resume)
+        hist = trainer.train(resume=resume, initial_eval=results["initial"])
         runs[name] = hist
         results[name] = {k[len("eval/"):]: v for k, v in hist[-1].items() if k.startswith("eval/")}
     h0 = results["initial"]["helpfulness"]

@@ -286,13 +286,19 @@ class OPDTrainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def train(self, resume: bool = True) -> list[dict]:
-        """Run to cfg.steps; with ``resume`` continue from the newest checkpoint in out_dir."""
+    def train(self, resume: bool = True, initial_eval: Optional[dict] = None) -> list[dict]:
+        """Run to cfg.steps; with ``resume`` continue from the newest checkpoint in out_dir.
+
+        ``initial_eval``: the evaluation of this very starting student, when the caller
+        already has it (several runs from one start); logged as step 0 instead of
+        evaluating again.
+        """
         cfg = self.cfg
         resumed = self.resume() if resume else None
         log = JsonlLog(self.out_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
         if resumed is None and self.evaluate is not None:
-            rec = {"step": 0, **{f"eval/{k}": v for k, v in self.evaluate(self.student).items()}}
+            first = initial_eval if initial_eval is not None else self.evaluate(self.student)
+            rec = {"step": 0, **{f"eval/{k}": v for k, v in first.items()}}
             self.history.append(rec)
             log.write(rec)
         bar = None
