@@ -121,9 +121,9 @@ def test_multi_teacher_rows_are_scored_by_their_own_teacher(prepared, task, tmp_
     assert not torch.allclose(alone["arith"].logprob, alone["strings"].logprob)  # they disagree
     for i in range(ro.size):
         want = batch.teachers[int(ro.group[i])]
-        assert tr.teacher_names[int(sc["teacher_index"][i])] == want
-        torch.testing.assert_close(sc["teacher"].logprob[i], alone[want].logprob[i])
-        torch.testing.assert_close(sc["teacher"].entropy[i], alone[want].entropy[i])
+        assert tr.teacher_names[int(sc["batch"].teacher_index[i])] == want
+        torch.testing.assert_close(sc["batch"].teacher.logprob[i], alone[want].logprob[i])
+        torch.testing.assert_close(sc["batch"].teacher.entropy[i], alone[want].entropy[i])
 
 
 def test_unknown_teacher_name_is_an_error(prepared, task, tmp_path):

@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+from pyopd.config import AGG_MODES, PRESETS  # noqa: F401  (one home for the choices)
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -58,6 +59,12 @@ def check_number(name: str, v, *, lo: Optional[float] = None, lo_open: bool = Fa
     if hi is not None and (v >= hi if hi_open else v > hi):
         raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v}")
     return v
+
+
+def check_preset(preset) -> str:
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    return preset
 
 
 def as_mask(mask: Optional[torch.Tensor], like: torch.Tensor, like_name: str = "logprob") -> torch.Tensor:
@@ -182,6 +189,54 @@ def ppo_terms(
     loss = aggregate_loss(per_token, mask, agg, denominator=denominator)
     metrics["pg_loss"] = loss.detach()
     return loss, metrics
+
+
+def distill(
+    logprob: torch.Tensor,
+    old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    reward: Optional[torch.Tensor] = None,
+    clip_ratio: float,
+    clip_ratio_low: Optional[float],
+    clip_ratio_high: Optional[float],
+    dual_clip: Optional[float],
+    agg: str,
+    denominator: Optional[float],
+    penalty: Optional[tuple[float, torch.Tensor]] = None,
+    extra: Optional[dict] = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The tail every policy-gradient distillation loss shares.
+
+    PPO surrogate of the advantages `adv` over `mask`, plus an optional
+    ``penalty = (coef, per_token)`` aggregated the same way (e.g. COPSD's k3
+    KL to a reference), and the common metrics: the PPO ones,
+    advantage_mean/min/max, reward_mean (when `reward` is given), num_tokens,
+    kl_ref / kl_loss (with a penalty), `extra`, loss.
+    """
+    lo, hi, dual_clip, denominator = check_ppo_args(
+        clip_ratio, clip_ratio_low, clip_ratio_high, dual_clip, agg, denominator
+    )
+    loss, metrics = ppo_terms(
+        logprob, old, adv, mask, clip_low=lo, clip_high=hi, dual_clip=dual_clip, agg=agg, denominator=denominator
+    )
+    metrics.update(token_stats(adv, mask, "advantage"))
+    if reward is not None:
+        # log q(y) - log p_old(y) averaged over sampled tokens: minus the sampled-token
+        # estimate of KL(p_old || q).
+        metrics["reward_mean"] = masked_mean(reward, mask)
+    metrics["num_tokens"] = mask.sum()
+    if penalty is not None:
+        coef, per_token = penalty
+        pen = aggregate_loss(per_token, mask, agg, denominator=denominator)
+        metrics["kl_ref"] = masked_mean(per_token.detach(), mask)
+        metrics["kl_loss"] = pen.detach()
+        loss = loss + coef * pen
+    if extra:
+        metrics.update(extra)
+    metrics["loss"] = loss.detach()
+    return loss, to_floats(metrics)
 
 
 def to_floats(metrics: dict) -> dict[str, float]:

@@ -16,27 +16,35 @@ from typing import Optional
 import torch
 
 from pyopd.losses._common import (
-    aggregate_loss,
     as_mask,
     check_2d,
     check_like,
     check_number,
     check_ppo_args,
+    check_preset,
     check_rows,
+    distill,
     masked_mean,
-    ppo_terms,
     to_floats,
-    token_stats,
 )
 from pyopd.ops.signals import group_advantages
 
-__all__ = ["copsd_loss", "k3_kl"]
+__all__ = ["copsd_loss", "copsd_signals", "k3_kl"]
 
 
-def k3_kl(logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(pi || ref): exp(r - l) - (r - l) - 1 >= 0, r - l clamped to [-20, 20]."""
+# Where r - l is clamped before exp: pyopd keeps the exp finite in float32
+# (preset "paper"); the released COPSD code clamps the k3 value itself to [-10, 10].
+K3_CLAMP = {"paper": None, "released": 10.0}
+
+
+def k3_kl(logprob: torch.Tensor, ref_logprob: torch.Tensor, clamp: Optional[float] = None) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || ref): exp(r - l) - (r - l) - 1 >= 0, r - l clamped to [-20, 20].
+
+    `clamp`: additionally clamp the k3 value to [-clamp, clamp] (the released COPSD code).
+    """
     d = torch.clamp(ref_logprob.detach() - logprob, min=-20.0, max=20.0)
-    return torch.exp(d) - d - 1.0
+    k3 = torch.exp(d) - d - 1.0
+    return k3 if clamp is None else torch.clamp(k3, min=-clamp, max=clamp)
 
 
 def copsd_loss(
@@ -58,6 +66,7 @@ def copsd_loss(
     dual_clip: Optional[float] = 3.0,
     agg: str = "token-mean",
     denominator: Optional[float] = None,
+    preset: str = "paper",
     process_group=None,
     sync: Optional[bool] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -89,9 +98,8 @@ def copsd_loss(
     if old_logprob is not None:
         check_like("old_logprob", old_logprob, logprob, "logprob")
     m = as_mask(mask, logprob)
-    lo, hi, dual_clip, denominator = check_ppo_args(
-        clip_ratio, clip_ratio_low, clip_ratio_high, dual_clip, agg, denominator
-    )
+    check_ppo_args(clip_ratio, clip_ratio_low, clip_ratio_high, dual_clip, agg, denominator)
+    check_preset(preset)
     kl_coef = check_number("kl_coef", kl_coef, lo=0.0)
     metrics: dict = {}
     if advantages is None:
@@ -99,34 +107,61 @@ def copsd_loss(
             raise ValueError("copsd_loss needs teacher_logprob and group_index, or precomputed advantages")
         check_like("teacher_logprob", teacher_logprob, logprob, "logprob")
         check_rows("group_index", group_index, B, logprob.device, kind="int")
-        if not (isinstance(reward_clip, (tuple, list)) and len(reward_clip) == 2):
-            raise ValueError(f"reward_clip must be a (low, high) pair, got {reward_clip!r}")
-        ga = group_advantages(
-            teacher_logprob, old, m, group_index, clip_low=reward_clip[0], clip_high=reward_clip[1],
-            bonus=reward_bonus, eps=adv_eps, process_group=process_group, sync=sync,
+        adv, metrics = copsd_signals(
+            teacher_logprob, old, m, group_index, reward_clip=reward_clip, reward_bonus=reward_bonus,
+            adv_eps=adv_eps, preset=preset, process_group=process_group, sync=sync,
         )
-        adv = ga.advantage.to(old.dtype)
-        nonempty = m.any(-1)
-        w = m.sum(-1).to(torch.float64)
-        metrics["reward_mean"] = (ga.reward_mean * w).sum() / w.sum().clamp(min=1)
-        metrics["group_std_mean"] = masked_mean(ga.group_std, nonempty)
     else:
         if group_index is not None:
             raise ValueError("pass either advantages or group_index, not both")
         check_like("advantages", advantages, logprob, "logprob")
         adv = advantages.detach()
-    loss, pg_metrics = ppo_terms(
-        logprob, old, adv, m, clip_low=lo, clip_high=hi, dual_clip=dual_clip, agg=agg, denominator=denominator
-    )
-    metrics.update(pg_metrics)
-    metrics.update(token_stats(adv, m, "advantage"))
-    metrics["num_tokens"] = m.sum()
+    penalty = None
     if ref_logprob is not None:
         check_like("ref_logprob", ref_logprob, logprob, "logprob")
-        k3 = k3_kl(logprob, ref_logprob)
-        kl_loss = aggregate_loss(k3, m, agg, denominator=denominator)
-        metrics["kl_ref"] = masked_mean(k3.detach(), m)
-        metrics["kl_loss"] = kl_loss.detach()
-        loss = loss + kl_coef * kl_loss
-    metrics["loss"] = loss.detach()
-    return loss, to_floats(metrics)
+        penalty = (kl_coef, k3_kl(logprob, ref_logprob, clamp=K3_CLAMP[preset]))
+    return distill(
+        logprob, old, adv, m, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
+        clip_ratio_high=clip_ratio_high, dual_clip=dual_clip, agg=agg, denominator=denominator,
+        penalty=penalty, extra=metrics,
+    )
+
+
+def copsd_signals(
+    teacher_logprob: torch.Tensor,
+    old_logprob: torch.Tensor,
+    mask: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    reward_clip: tuple[float, float] = (-3.0, 5.0),
+    reward_bonus: float = 0.02,
+    adv_eps: float = 1e-6,
+    preset: str = "paper",
+    process_group=None,
+    sync: Optional[bool] = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """COPSD's dense group advantages of a whole rollout batch, and their metrics.
+
+    Returns ([B, T] advantage, {"reward_mean", "group_std_mean"}). Take it once on
+    the whole batch and pass slices as `copsd_loss(advantages=...)`.
+    """
+    check_preset(preset)
+    check_2d("old_logprob", old_logprob)
+    m = as_mask(mask, old_logprob, "old_logprob")
+    if not (isinstance(reward_clip, (tuple, list)) and len(reward_clip) == 2):
+        raise ValueError(f"reward_clip must be a (low, high) pair, got {reward_clip!r}")
+    if preset == "released":
+        from pyopd.presets.released import copsd_advantages_released
+
+        return copsd_advantages_released(teacher_logprob, old_logprob, m, group_index,
+                                         reward_clip=tuple(reward_clip), reward_bonus=reward_bonus,
+                                         adv_eps=adv_eps)
+    ga = group_advantages(
+        teacher_logprob, old_logprob.detach(), m, group_index, clip_low=reward_clip[0],
+        clip_high=reward_clip[1], bonus=reward_bonus, eps=adv_eps, process_group=process_group, sync=sync,
+    )
+    nonempty = m.any(-1)
+    w = m.sum(-1).to(torch.float64)
+    metrics = {"reward_mean": (ga.reward_mean * w).sum() / w.sum().clamp(min=1),
+               "group_std_mean": masked_mean(ga.group_std, nonempty)}
+    return ga.advantage.to(old_logprob.dtype), to_floats(metrics)

@@ -27,9 +27,10 @@ from pyopd.losses._common import (
     check_2d,
     check_like,
     check_ppo_args,
+    check_preset,
     check_rows,
+    distill,
     masked_mean,
-    ppo_terms,
     select_teacher,
     to_floats,
     token_stats,
@@ -87,6 +88,7 @@ def fire_opd_signals(
     normalize: str = "trajectory",
     teacher_index: Optional[torch.Tensor] = None,
     num_teachers: Optional[int] = None,
+    preset: str = "paper",
     process_group=None,
     sync: Optional[bool] = None,
 ) -> FireSignals:
@@ -101,7 +103,17 @@ def fire_opd_signals(
             several teachers, the filter ranks each teacher's samples apart).
         alpha, beta, normalize: see `pyopd.fire_token_weights`.
         process_group, sync: see `pyopd.trajectory_scores`.
+        preset: "paper" (default) or "released": reproduce the authors' released
+            code (its filter count, tie and empty-rollout handling, the token set of
+            the entropy maxima and weight mean; see docs/presets.md).
     """
+    check_preset(preset)
+    if preset == "released":
+        from pyopd.presets.released import fire_signals_released
+
+        return fire_signals_released(teacher_logprob, mask, teacher_entropy=teacher_entropy,
+                                     student_entropy=student_entropy, kl=kl, p=p, alpha=alpha, beta=beta,
+                                     teacher_index=teacher_index, num_teachers=num_teachers)
     check_2d("student_entropy", student_entropy)
     B = student_entropy.shape[0]
     lq = select_teacher("teacher_logprob", teacher_logprob, teacher_index, B)
@@ -173,10 +185,8 @@ def fire_opd_loss(
     lq = select_teacher("teacher_logprob", teacher_logprob, teacher_index, B)
     check_like("teacher_logprob", lq, logprob, "logprob")
     m = as_mask(mask, logprob)
-    lo, hi, dual_clip, denominator = check_ppo_args(
-        clip_ratio, clip_ratio_low, clip_ratio_high, dual_clip, agg, denominator
-    )
-    extra: dict = {}
+    check_ppo_args(clip_ratio, clip_ratio_low, clip_ratio_high, dual_clip, agg, denominator)
+    signal_metrics: dict = {}
     if keep is None and weight is None:
         if teacher_entropy is None or student_entropy is None:
             raise ValueError("fire_opd_loss needs keep and weight (from fire_opd_signals) or teacher_entropy and student_entropy")
@@ -186,7 +196,7 @@ def fire_opd_loss(
             num_teachers=num_teachers, process_group=process_group, sync=sync,
         )
         keep, weight = sig.keep, sig.weight
-        extra = sig.metrics
+        signal_metrics = sig.metrics
     elif keep is None or weight is None:
         raise ValueError("pass keep and weight together (both from fire_opd_signals on the whole batch)")
     else:
@@ -197,17 +207,13 @@ def fire_opd_loss(
     loss_mask = m & keep.view(B, 1)
     reward = lq.detach() - old
     adv = weight.detach().to(reward.dtype) * reward
-    loss, metrics = ppo_terms(
-        logprob, old, adv, loss_mask, clip_low=lo, clip_high=hi, dual_clip=dual_clip, agg=agg, denominator=denominator
-    )
-    metrics.update(token_stats(adv, loss_mask, "advantage"))
-    metrics["reward_mean"] = masked_mean(reward, loss_mask)
-    metrics["num_tokens"] = loss_mask.sum()
-    metrics.update(token_stats(weight, loss_mask, "weight"))
-    metrics["loss"] = loss.detach()
     nonempty = m.any(-1)
-    metrics["keep_ratio"] = (keep & nonempty).sum().double() / nonempty.sum().clamp(min=1).double()
-    out = to_floats(metrics)
-    for k, v in extra.items():
+    loss, out = distill(
+        logprob, old, adv, loss_mask, reward=reward, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
+        clip_ratio_high=clip_ratio_high, dual_clip=dual_clip, agg=agg, denominator=denominator,
+        extra={**token_stats(weight, loss_mask, "weight"),
+               "keep_ratio": (keep & nonempty).sum().double() / nonempty.sum().clamp(min=1).double()},
+    )
+    for k, v in signal_metrics.items():
         out.setdefault(k, v)
     return loss, out

@@ -17,10 +17,9 @@ from pyopd.losses._common import (
     check_like,
     check_number,
     check_ppo_args,
-    masked_mean,
+    distill,
     ppo_terms,
     to_floats,
-    token_stats,
 )
 
 __all__ = ["exopd_loss", "opd_loss", "ppo_policy_loss", "tip_loss", "tip_token_mask"]
@@ -75,26 +74,6 @@ def ppo_policy_loss(
     return loss, to_floats(metrics)
 
 
-def _distill(
-    logprob, old, adv, m, reward, *, clip_ratio, clip_ratio_low, clip_ratio_high, dual_clip, agg, denominator, extra=None
-):
-    lo, hi, dual_clip, denominator = check_ppo_args(
-        clip_ratio, clip_ratio_low, clip_ratio_high, dual_clip, agg, denominator
-    )
-    loss, metrics = ppo_terms(
-        logprob, old, adv, m, clip_low=lo, clip_high=hi, dual_clip=dual_clip, agg=agg, denominator=denominator
-    )
-    metrics.update(token_stats(adv, m, "advantage"))
-    # log q(y) - log p_old(y) averaged over sampled tokens: minus the sampled-token
-    # estimate of KL(p_old || q).
-    metrics["reward_mean"] = masked_mean(reward, m)
-    metrics["num_tokens"] = m.sum()
-    if extra:
-        metrics.update(extra)
-    metrics["loss"] = loss.detach()
-    return loss, to_floats(metrics)
-
-
 def opd_loss(
     logprob: torch.Tensor,
     old_logprob: Optional[torch.Tensor],
@@ -120,8 +99,8 @@ def opd_loss(
     check_like("teacher_logprob", teacher_logprob, logprob, "logprob")
     m = as_mask(mask, logprob)
     reward = teacher_logprob.detach() - old
-    return _distill(
-        logprob, old, reward, m, reward,
+    return distill(
+        logprob, old, reward, m, reward=reward,
         clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
         dual_clip=dual_clip, agg=agg, denominator=denominator,
     )
@@ -156,8 +135,8 @@ def exopd_loss(
     m = as_mask(mask, logprob)
     lr = ref_logprob.detach()
     adv = -((old - lr) - lam * (teacher_logprob.detach() - lr))
-    return _distill(
-        logprob, old, adv, m, teacher_logprob.detach() - old,
+    return distill(
+        logprob, old, adv, m, reward=teacher_logprob.detach() - old,
         clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
         dual_clip=dual_clip, agg=agg, denominator=denominator, extra={"lam": lam},
     )
@@ -244,8 +223,8 @@ def tip_loss(
             raise TypeError(f"selection must be a bool tensor, got {selection.dtype}")
     sel = m & selection
     extra = {"selected_ratio": sel.sum() / m.sum().clamp(min=1)}
-    return _distill(
-        logprob, old, reward, sel, reward,
+    return distill(
+        logprob, old, reward, sel, reward=reward,
         clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
         dual_clip=dual_clip, agg=agg, denominator=denominator, extra=extra,
     )

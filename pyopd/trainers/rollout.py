@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 import pyopd
+from pyopd.objectives.base import Scores
 
 
 @dataclass
@@ -106,12 +107,6 @@ def response_logits(model, inputs: ModelInputs, r: int) -> torch.Tensor:
     out = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
                 position_ids=inputs.position_ids, use_cache=False)
     return out.logits[:, inputs.start:inputs.start + r]
-
-
-@dataclass
-class Scores:
-    logprob: torch.Tensor  # [B, R] log-prob of the sampled token, 0 off the mask
-    entropy: torch.Tensor  # [B, R] entropy of the model's next-token distribution
 
 
 @torch.no_grad()

@@ -1,0 +1,170 @@
+"""The objective interface: what one OPD method needs, its batch signals, its micro-batch loss.
+
+An objective is a small class registered under a name. The trainer (and the
+engine integrations) drive every objective the same way:
+
+1. ``obj.signals(batch)`` ONCE on the whole scored rollout batch (all ranks):
+   the filter, token weights, group advantages, token selection... anything
+   that is a batch-level quantity. It returns a `Signals`: the tokens that
+   enter the loss (``loss_mask``), per-rollout tensors to be sliced per
+   micro-batch (``rows``), and metrics.
+2. for each optimizer step, ``obj.denominators(signals, micro_rows)`` gives each
+   micro-batch's aggregation denominator (shared, so micro-batch losses sum to
+   the mini-batch loss and micro-batching never changes the result);
+3. ``obj.loss(micro)`` per micro-batch, with the student's logits (with grad).
+
+What an objective needs from the trainer is declared on the class:
+``needs_reference`` (the frozen initial student's log-probs),
+``needs_teacher_logits`` (each row's teacher logits per micro-batch, for the
+analytic full-vocabulary KL). Teacher log-probs and entropies of the sampled
+tokens are always there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional, Sequence
+
+import torch
+
+import pyopd
+
+
+@dataclass
+class Scores:
+    """Per-token signals of one model on the rollout tokens (no grad)."""
+
+    logprob: torch.Tensor  # [B, T] log-prob of the sampled token (at the run's temperature), 0 off the mask
+    entropy: torch.Tensor  # [B, T] entropy of the next-token distribution
+
+
+@dataclass
+class ScoredBatch:
+    """The whole rollout batch, scored without grad: what `Objective.signals` sees."""
+
+    tokens: torch.Tensor          # [B, T] sampled response ids
+    mask: torch.Tensor            # [B, T] bool response mask
+    group: torch.Tensor           # [B] prompt index of each rollout (rollouts of one prompt share it)
+    old: Scores                   # the student that sampled (the "old" policy)
+    teacher: Scores               # each row's own teacher
+    teacher_index: torch.Tensor   # [B] which teacher scored each row
+    num_teachers: int
+    reference: Optional[Scores] = None  # the frozen initial student (when needed)
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclass
+class Signals:
+    """Batch-level signals of an objective (computed once per rollout batch)."""
+
+    loss_mask: torch.Tensor                     # [B, T] bool: tokens in the loss and its denominator
+    rows: dict = field(default_factory=dict)    # name -> [B] or [B, T] tensor, sliced per micro-batch
+    metrics: dict = field(default_factory=dict)  # plain floats for the log
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch: the student's logits with grad, and its slices of the batch."""
+
+    rows: torch.Tensor            # [b] indices into the rollout batch
+    logits: torch.Tensor          # [b, T, V] student logits (with grad)
+    tokens: torch.Tensor          # [b, T]
+    mask: torch.Tensor            # [b, T] response mask
+    loss_mask: torch.Tensor       # [b, T] the objective's tokens
+    old: Scores                   # sliced
+    teacher: Scores               # sliced
+    reference: Optional[Scores]   # sliced (when the objective needs it)
+    signals: dict                 # the objective's `Signals.rows`, sliced
+    denominator: float
+    temperature: float
+    teacher_logits_fn: Optional[Callable[[], torch.Tensor]] = None
+    _logprob: Optional[torch.Tensor] = None
+
+    def logprob(self) -> torch.Tensor:
+        """[b, T] the student's log-prob of the sampled tokens, with grad (fused kernel)."""
+        if self._logprob is None:
+            self._logprob = pyopd.token_stats(self.logits, self.tokens, mask=self.mask,
+                                              temperature=self.temperature).logprob
+        return self._logprob
+
+    def teacher_logits(self) -> torch.Tensor:
+        """[b, T, Vt] each row's own teacher's logits (only for objectives that declare the need)."""
+        if self.teacher_logits_fn is None:
+            raise RuntimeError("this objective did not declare needs_teacher_logits = True")
+        return self.teacher_logits_fn()
+
+
+def slice_rows(x, rows: torch.Tensor):
+    if x is None:
+        return None
+    if isinstance(x, Scores):
+        return Scores(x.logprob[rows], x.entropy[rows])
+    return x[rows]
+
+
+class Objective:
+    """Base class: vanilla token-mean aggregation over the response mask; override what differs."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_reference: ClassVar[bool] = False
+    needs_teacher_logits: ClassVar[bool] = False
+    options: ClassVar[tuple[str, ...]] = ()  # the config fields it reads (documentation, help)
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    # ---- batch level
+    def signals(self, batch: ScoredBatch) -> Signals:
+        return Signals(loss_mask=batch.mask)
+
+    def denominators(self, signals: Signals, micro_rows: Sequence[torch.Tensor]) -> list[float]:
+        """Each micro-batch's denominator; by default the whole optimizer step's (shared)."""
+        return shared_denominators(self.cfg, signals.loss_mask, micro_rows)
+
+    # ---- micro-batch level
+    def loss(self, micro: MicroBatch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    # ---- helpers for subclasses
+    def ppo_kwargs(self, micro: MicroBatch) -> dict:
+        return dict(clip_ratio=self.cfg.clip, dual_clip=self.cfg.dual_clip, agg=self.cfg.agg,
+                    denominator=micro.denominator)
+
+
+def shared_denominators(cfg, loss_mask: torch.Tensor, micro_rows: Sequence[torch.Tensor]) -> list[float]:
+    """One denominator for every micro-batch of an optimizer step, as if it were one batch.
+
+    ``preset='released'`` follows the released code instead: each micro-batch is
+    aggregated on its own (token mean within the micro-batch) and the
+    micro-batch losses are averaged, i.e. micro-batch k's denominator is
+    (its own count) x (number of micro-batches).
+    """
+    def count(rows: torch.Tensor) -> float:
+        n = loss_mask[rows].sum(-1)
+        return float(n.sum() if cfg.agg == "token-mean" else (n > 0).sum())
+
+    if getattr(cfg, "preset", "paper") == "released":
+        k = len(micro_rows)
+        return [max(1.0, count(r)) * k for r in micro_rows]
+    every = torch.cat(list(micro_rows)) if len(micro_rows) else torch.zeros(0, dtype=torch.long)
+    d = max(1.0, count(every))
+    return [d] * len(micro_rows)
+
+
+# ---- registry ---------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make ``cls`` available under ``cls.name`` (trainer, CLI, integrations)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"objective {cls.name!r} is registered twice "
+                         f"({_REGISTRY[cls.name].__module__} and {cls.__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
