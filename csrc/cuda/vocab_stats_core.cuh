@@ -50,6 +50,30 @@ PYOPD_HD float vmax(float a, float b) { return fmaxf(a, b); }  // drops NaN, lik
 PYOPD_HD double vmax(double a, double b) { return fmax(a, b); }
 PYOPD_HD float vfma(float a, float b, float c) { return fmaf(a, b, c); }
 PYOPD_HD double vfma(double a, double b, double c) { return fma(a, b, c); }
+// The scaled logit z = x / T as x * (1/T) rounded on its own, never fused with
+// the subtraction of the max that follows (nvcc contracts a * b + c into an FMA
+// by default). Rounding z first is what the CPU kernels and PyTorch do, and it
+// makes z - m exactly 0 at the max, so log-probs there are exactly -log Z.
+// (A host build of this header must use -ffp-contract=off for the same reason.)
+PYOPD_HD float vmul(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+PYOPD_HD double vmul(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+template <typename Acc> PYOPD_HD Acc max_finite();
+template <> PYOPD_HD float max_finite<float>() { return FLT_MAX; }
+template <> PYOPD_HD double max_finite<double>() { return DBL_MAX; }
+// min(v, 0) that keeps NaN (a log-prob is <= 0; rounding may give +1 ulp).
+template <typename Acc> PYOPD_HD Acc nonpos(Acc v) { return v > Acc(0) ? Acc(0) : v; }
 // 2^x. In float this is the hardware's MUFU.EX2 alone (ex2.approx.ftz: about
 // 2 ulp, the same instruction exp2f uses); results below 2^-126 are flushed to
 // 0, like the CPU kernel's exp, which returns 0 below ln(2^-126). exp2f would
@@ -261,9 +285,13 @@ template <int K, typename T> PYOPD_HD bool chunk_aligned(const T* p) {
 // ---- running state of a row ----------------------------------------------------
 // Per distribution: m = running max of x = s / T, Z = sum exp(x - m),
 // A = sum exp(x - m) (x - m); D = sum exp(x_j - m_s) ((x_j - m_s) - (y_j - m_t)).
-// Each x - m is one fma(s, 1/T, -m): exact when x is close to m, and the very
-// value the backward forms again for log p and log q, so that forward and
-// backward round alike (which keeps KL gradients tight at logits of 1e4).
+// Each x - m is vmul(s, 1/T) - m, the very value the backward forms again for
+// log p and log q, so that forward and backward round alike (which keeps KL
+// gradients tight at logits of 1e4).
+// H = max over ids j < V of (x_j - m_s) - (y_j - m_t): +inf exactly when some
+// id has a finite student logit and a -inf teacher logit (the student's support
+// is not inside the teacher's), which makes the KL +inf even where that id's
+// exp(x - m_s) underflows to 0. NaN differences (both -inf) are dropped by vmax.
 // No constructors or default member initialisers: these live in __shared__.
 
 template <typename Acc> struct Dist {
@@ -275,19 +303,25 @@ template <typename Acc> struct Dist {
 template <typename Acc> struct RowState {
   Dist<Acc> s, t;  // student; teacher (unused without one)
   Acc D;           // cross term, in the frame of (s.m, t.m)
+  Acc H;           // hole detector (see above); -inf while nothing was seen
 };
 
 template <typename Acc> PYOPD_HD RowState<Acc> empty_state() {
   RowState<Acc> st;
   st.s.m = st.t.m = neg_inf<Acc>();
   st.s.Z = st.s.A = st.t.Z = st.t.A = st.D = Acc(0);
+  st.H = neg_inf<Acc>();
   return st;
 }
 
 // -m, the shift of the sums: 0 for an all -inf prefix (m = -inf), where
-// exp(-inf - 0) = 0 and exp(-inf - (-inf)) would be NaN.
+// exp(-inf - 0) = 0 and exp(-inf - (-inf)) would be NaN. After a +inf logit
+// (m = +inf) the shift is the most negative finite value: the +inf ids then
+// add exp(+inf) = +inf to Z (so lse = +inf, as in PyTorch) and finite ones 0,
+// instead of inf - inf = NaN, which is kept for NaN logits.
 template <typename Acc> PYOPD_HD Acc neg_shift(const Dist<Acc>& d) {
-  return d.m == neg_inf<Acc>() ? Acc(0) : -d.m;
+  if (d.m == neg_inf<Acc>()) return Acc(0);
+  return d.m == -neg_inf<Acc>() ? -max_finite<Acc>() : -d.m;
 }
 
 // Moves a distribution's sums to a larger max: Z' = a Z, A' = a (A + (m - m') Z)
@@ -335,6 +369,7 @@ template <bool kTeacher, typename Acc> PYOPD_HD void merge(RowState<Acc>& a, Row
     a.t.Z += b.t.Z;
     a.t.A += b.t.A;
     a.D += b.D;
+    a.H = vmax(a.H, b.H);
   }
   rebase(a.s, ms);
   rebase(b.s, ms);
@@ -344,7 +379,8 @@ template <bool kTeacher, typename Acc> PYOPD_HD void merge(RowState<Acc>& a, Row
 
 // ---- forward work on a chunk ------------------------------------------------------
 // A chunk's max is taken on the raw values and scaled once: rounding is
-// monotone and 1/T > 0, so max(s) / T == max(s / T), as the CPU computes it.
+// monotone and 1/T > 0, so vmul(max(s), 1/T) == max(vmul(s, 1/T)), as the
+// CPU computes it.
 
 template <int N, int K, typename Acc> PYOPD_HD Acc chunk_max(const Acc (&v)[N][K]) {
   Acc mx = v[0][0];
@@ -365,7 +401,7 @@ PYOPD_UNROLL
   for (int u = 0; u < N; ++u) {
 PYOPD_UNROLL
     for (int k = 0; k < K; ++k) {
-      const Acc dx = vfma(v[u][k], inv_t, shift);
+      const Acc dx = vmul(v[u][k], inv_t) + shift;
       const Acc e = vexp(dx);
       d.Z += e;
       d.A = e > Acc(0) ? vfma(e, dx, d.A) : d.A;
@@ -377,8 +413,8 @@ PYOPD_UNROLL
 template <int N, int K, typename Acc>
 PYOPD_HD void accumulate_joint(RowState<Acc>& st, const Acc (&xs)[N][K], const Acc (&xt)[N][K],
                                Acc inv_t) {
-  const Acc new_ms = vmax(st.s.m, chunk_max(xs) * inv_t);
-  const Acc new_mt = vmax(st.t.m, chunk_max(xt) * inv_t);
+  const Acc new_ms = vmax(st.s.m, vmul(chunk_max(xs), inv_t));
+  const Acc new_mt = vmax(st.t.m, vmul(chunk_max(xt), inv_t));
   if (new_ms > st.s.m || new_mt > st.t.m) {  // rare after the first chunks
     rebase_cross(st.D, st.s, st.t, new_ms, new_mt);
     rebase(st.s, new_ms);
@@ -389,18 +425,20 @@ PYOPD_UNROLL
   for (int u = 0; u < N; ++u) {
 PYOPD_UNROLL
     for (int k = 0; k < K; ++k) {
-      const Acc dx = vfma(xs[u][k], inv_t, shift_s);
-      const Acc dy = vfma(xt[u][k], inv_t, shift_t);
+      const Acc dx = vmul(xs[u][k], inv_t) + shift_s;
+      const Acc dy = vmul(xt[u][k], inv_t) + shift_t;
       const Acc es = vexp(dx);
       const Acc et = vexp(dy);
+      const Acc diff = dx - dy;
       st.s.Z += es;
       st.t.Z += et;
       st.t.A = et > Acc(0) ? vfma(et, dy, st.t.A) : st.t.A;
+      st.H = vmax(st.H, diff);  // +inf: a teacher hole under a finite student logit
       // 0 where es == 0 (also when both logits are -inf); +inf where only the
       // teacher's is -inf: the KL is then infinite.
       if (es > Acc(0)) {
         st.s.A = vfma(es, dx, st.s.A);
-        st.D = vfma(es, dx - dy, st.D);
+        st.D = vfma(es, diff, st.D);
       }
     }
   }
@@ -419,7 +457,7 @@ template <typename S> struct FwdStudentOnly {
     Acc xs[N][K];
 PYOPD_UNROLL
     for (int u = 0; u < N; ++u) load_chunk<K>(s + j0 + u * kStride, xs[u]);
-    rebase(d, vmax(d.m, chunk_max(xs) * inv_t));
+    rebase(d, vmax(d.m, vmul(chunk_max(xs), inv_t)));
     accumulate(d, xs, inv_t);
   }
 };
@@ -451,7 +489,7 @@ template <typename T, typename Acc> struct FwdTeacherTail {
     Acc xt[N][K];
 PYOPD_UNROLL
     for (int u = 0; u < N; ++u) load_chunk<K>(t + j0 + u * kStride, xt[u]);
-    const Acc new_mt = vmax(st.t.m, chunk_max(xt) * inv_t);
+    const Acc new_mt = vmax(st.t.m, vmul(chunk_max(xt), inv_t));
     if (new_mt > st.t.m) {
       rebase_cross(st.D, st.s, st.t, st.s.m, new_mt);
       rebase(st.t, new_mt);
@@ -490,11 +528,11 @@ PYOPD_UNROLL
       Acc out[K];
 PYOPD_UNROLL
       for (int k = 0; k < K; ++k) {
-        const Acc lp = vfma(xs[u][k], c.inv_t, -c.ms) - c.log_zs;
+        const Acc lp = nonpos((vmul(xs[u][k], c.inv_t) - c.ms) - c.log_zs);
         const Acc pj = vexp(lp);
         Acc inner = vfma(c.a, lp, c.b);
         if constexpr (kTeacher) {
-          const Acc lq = vfma(xt[u][k], c.inv_t, -c.mt) - c.log_zt;
+          const Acc lq = nonpos((vmul(xt[u][k], c.inv_t) - c.mt) - c.log_zt);
           inner -= c.g_kl * lq;
         }
         Acc gj = pj > Acc(0) ? pj * inner : Acc(0);
@@ -506,13 +544,15 @@ PYOPD_UNROLL
   }
 };
 
-// Zero gradient row (masked rows): no logits are read.
-template <typename G, typename Acc> struct ZeroRow {
+// Constant gradient row: 0 for masked rows, NaN for rows whose gradient is
+// undefined (see bwd_row_part). No logits are read.
+template <typename G, typename Acc> struct ConstRow {
   G* g;
+  Acc value;
   template <int K, int N, int kStride> PYOPD_HD void run(int j0) {
     Acc z[K];
 PYOPD_UNROLL
-    for (int k = 0; k < K; ++k) z[k] = Acc(0);
+    for (int k = 0; k < K; ++k) z[k] = value;
 PYOPD_UNROLL
     for (int u = 0; u < N; ++u) store_chunk<K>(g + j0 + u * kStride, z);
   }
@@ -632,14 +672,21 @@ PYOPD_HD void finalize_fwd(const VocabStatsFwdParams& p, int64_t r, const RowSta
   const Acc inv_t = static_cast<Acc>(p.inv_temperature);
   const int64_t y = token_of(p.tokens, r);
   auto out = [r](void* v, double x) { static_cast<Acc*>(v)[r] = static_cast<Acc>(x); };
+  // A row whose lse is not finite (a NaN or +inf logit, or every logit -inf)
+  // has no distribution: NaN entropy, log-prob (for a sampled id) and KL, as
+  // log_softmax gives in PyTorch. lse itself is NaN, +inf or -inf.
+  // Log-probs are <= 0 (nonpos): the rounding of z - m - log Z may give +1 ulp.
   const double zs = st.s.Z, log_zs = log(zs);
-  out(p.student_entropy, nonneg(log_zs - double(st.s.A) / zs));
-  out(p.student_lse, double(st.s.m) + log_zs);
-  double lp_s = 0.0;
-  if (y >= p.vocab) {
+  const double lse_s = double(st.s.m) + log_zs;
+  const bool fin_s = isfinite(lse_s);
+  out(p.student_entropy, fin_s ? nonneg(log_zs - double(st.s.A) / zs) : double(NAN));
+  out(p.student_lse, lse_s);
+  double lp_s = 0.0;  // no sampled id
+  if (y >= p.vocab || (y >= 0 && !fin_s)) {
     lp_s = NAN;
   } else if (y >= 0) {
-    lp_s = double(vfma(to_acc(load_elem(student_row<S>(p, r) + y), Acc()), inv_t, -st.s.m)) - log_zs;
+    const Acc z = vmul(to_acc(load_elem(student_row<S>(p, r) + y), Acc()), inv_t);
+    lp_s = nonpos(double(z - st.s.m) - log_zs);
   }
   out(p.student_logprob, lp_s);
   Acc* stats = static_cast<Acc*>(p.stats) + 4 * r;
@@ -649,16 +696,23 @@ PYOPD_HD void finalize_fwd(const VocabStatsFwdParams& p, int64_t r, const RowSta
   stats[3] = Acc(0);
   if constexpr (kTeacher) {
     const double zt = st.t.Z, log_zt = log(zt);
-    out(p.teacher_entropy, nonneg(log_zt - double(st.t.A) / zt));
-    out(p.teacher_lse, double(st.t.m) + log_zt);
+    const double lse_t = double(st.t.m) + log_zt;
+    const bool fin_t = isfinite(lse_t);
+    out(p.teacher_entropy, fin_t ? nonneg(log_zt - double(st.t.A) / zt) : double(NAN));
+    out(p.teacher_lse, lse_t);
     double lp_t = 0.0;
-    if (y >= p.vocab) {
+    if (y >= p.vocab || (y >= 0 && !fin_t)) {
       lp_t = NAN;
     } else if (y >= 0) {
-      lp_t = double(vfma(to_acc(load_elem(teacher_row<T>(p, r) + y), Acc()), inv_t, -st.t.m)) - log_zt;
+      const Acc z = vmul(to_acc(load_elem(teacher_row<T>(p, r) + y), Acc()), inv_t);
+      lp_t = nonpos(double(z - st.t.m) - log_zt);
     }
     out(p.teacher_logprob, lp_t);
-    out(p.kl, nonneg(double(st.D) / zs - log_zs + log_zt));
+    // KL: NaN without both distributions; +inf when the teacher has a hole
+    // under a finite student logit (even one whose p underflows to 0).
+    double kl = NAN;
+    if (fin_s && fin_t) kl = st.H == -neg_inf<Acc>() ? double(INFINITY) : nonneg(double(st.D) / zs - log_zs + log_zt);
+    out(p.kl, kl);
     stats[2] = st.t.m;
     stats[3] = static_cast<Acc>(log_zt);
   }
@@ -684,7 +738,7 @@ PYOPD_HD void bwd_row_part(const VocabStatsBwdParams& p, int64_t r, int tid) {
   G* grow = static_cast<G*>(p.grad_student) + r * p.vocab;
   if (p.mask != nullptr && !p.mask[r]) {
     constexpr int K = 16 / sizeof(G);
-    ZeroRow<G, Acc> op{grow};
+    ConstRow<G, Acc> op{grow, Acc(0)};
     const int head = head_to_16(grow);
     walk_row<K, 4, TPR>(op, V, head, head >= 0, tid);
     return;
@@ -692,8 +746,11 @@ PYOPD_HD void bwd_row_part(const VocabStatsBwdParams& p, int64_t r, int tid) {
   // Per-row inputs are float (double for float64 logits), like the forward's
   // outputs. Same formulas and operation order as the CPU kernel.
   auto at = [r](const void* v) -> Acc { return v != nullptr ? static_cast<const Acc*>(v)[r] : Acc(0); };
-  const Acc g_kl = at(p.grad_kl), g_lp = at(p.grad_logprob);
-  const Acc g_h = at(p.grad_entropy), g_lse = at(p.grad_lse);
+  const int64_t y = token_of(p.tokens, r);
+  const Acc g_kl = at(p.grad_kl), g_h = at(p.grad_entropy), g_lse = at(p.grad_lse);
+  // Without a sampled id the log-prob is the constant 0: its upstream gradient
+  // contributes nothing (not -g_lp p).
+  const Acc g_lp = y >= 0 ? at(p.grad_logprob) : Acc(0);
   const Acc kl = p.grad_kl != nullptr ? at(p.kl) : Acc(0);
   const Acc hs = p.grad_entropy != nullptr ? at(p.student_entropy) : Acc(0);
   const Acc* stats = static_cast<const Acc*>(p.stats) + 4 * r;
@@ -703,11 +760,22 @@ PYOPD_HD void bwd_row_part(const VocabStatsBwdParams& p, int64_t r, int tid) {
   c.log_zs = stats[1];
   c.mt = stats[2];
   c.log_zt = stats[3];
+  // The gradient is undefined (all NaN) where the student has no distribution
+  // (lse NaN or +-inf), or where an output with a nonzero upstream gradient is
+  // not finite (a +inf KL from a teacher hole, a NaN entropy).
+  const bool undefined = !isfinite(c.ms + c.log_zs) || (g_kl != Acc(0) && !isfinite(kl)) ||
+                         (g_h != Acc(0) && !isfinite(hs));
+  if (undefined) {
+    constexpr int K = 16 / sizeof(G);
+    ConstRow<G, Acc> op{grow, static_cast<Acc>(NAN)};
+    const int head = head_to_16(grow);
+    walk_row<K, 4, TPR>(op, V, head, head >= 0, tid);
+    return;
+  }
   c.a = g_kl - g_h;
   c.b = -g_kl * kl - g_lp - g_h * hs + g_lse;
   c.g_kl = g_kl;
   c.g_lp = g_lp;
-  const int64_t y = token_of(p.tokens, r);
   c.y = y < p.vocab ? static_cast<int>(y) : -1;
   const S* srow = student_row<S>(p, r);
   // The teacher is read only where the KL has a nonzero upstream gradient
