@@ -1,24 +1,33 @@
-"""The `pyopd` command.
+"""The `pyopd` command: FiRe-OPD and COPSD runs, on the built-in demo task or on real models.
 
-    pyopd fire-opd                 # the demo: built-in task, OPD vs FiRe-OPD, on the CPU
+    pyopd fire-opd                 # demo: built-in task, OPD vs FiRe-OPD vs the exact reverse KL (CPU)
     pyopd fire-opd --student DIR --teacher DIR [--teacher2 DIR] --prompts FILE.jsonl
+    pyopd copsd                    # demo: built-in safety task, OPSD vs COPSD vs SFT
+    pyopd copsd --student DIR --prompts FILE.jsonl --frontier-answers FILE.jsonl
     pyopd info                     # what the extension was built with
 
-Bad input (a missing model directory, a JSONL line without a prompt,
-vocabularies that do not match, a percentile of 120...) is reported in one
-line and exits with status 2 before anything is written.
+Every option is defined once, in `pyopd.config.OPDConfig`; a command or the demo
+may change a default (help shows both), and a flag you give always wins. Bad
+input (an option outside its range, a missing directory or file, a file that
+is not UTF-8, a JSONL line without a prompt, vocabularies that do not match)
+is reported in one line and exits with status 2 before anything is written.
+Help returns without importing torch.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
+
+from pyopd import config as C
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 
 
 class UsageError(Exception):
@@ -28,60 +37,151 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------- arguments
 
 
-def _add_opd_args(p: argparse.ArgumentParser) -> None:
-    from pyopd.trainers.opd import LOSSES, OPDConfig
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    d = OPDConfig()
-    g = p.add_argument_group("method")
-    g.add_argument("--loss", choices=LOSSES, default=None,
-                   help="objective for a single run with real models (demo runs 'opd' and 'fire')")
-    g.add_argument("--percentile", type=float, default=d.percentile,
-                   help="FiRe-OPD: drop rollouts below this percentile of the length-normalised "
-                        "teacher log-prob (0-100, default %(default)s)")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="teacher-confidence weight")
-    g.add_argument("--beta", type=float, default=d.beta, help="student-confusion weight")
-    g.add_argument("--weight-norm", choices=("trajectory", "batch"), default=d.weight_norm)
-    g.add_argument("--clip", type=float, default=d.clip, help="PPO clip ratio")
-    g.add_argument("--dual-clip", type=float, default=None)
-    g.add_argument("--exopd-lambda", type=float, default=d.exopd_lambda)
-    g.add_argument("--tip-rho", type=float, default=d.tip_rho)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--prompts-per-step", type=int, default=None)
-    g.add_argument("--n", type=int, default=None, help="responses sampled per prompt")
-    g.add_argument("--micro-batch", type=int, default=d.micro_batch)
-    g.add_argument("--mini-batches", type=int, default=d.mini_batches)
-    g.add_argument("--max-new-tokens", type=int, default=None)
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--top-p", type=float, default=d.top_p)
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default=None, help="output directory")
-    g.add_argument("--eval-every", type=int, default=None)
-    g.add_argument("--save-every", type=int, default=None)
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "off"
+    if isinstance(v, (tuple, list)):
+        return " ".join(_fmt(x) for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _help_for(f, command: str) -> str:
+    meta = f.metadata
+    real, demo = C.default_for(f.name, command, False), C.default_for(f.name, command, True)
+    text = meta["help"]
+    if f.name == "loss":
+        text += f"; one of: {', '.join(C.objective_catalog())}; the demo compares --losses instead"
+    if f.name == "max_new_tokens":
+        demo = "from the task"
+    allowed = ""
+    if meta.get("choices") is None and (meta.get("lo") is not None or meta.get("hi") is not None):
+        allowed = f"; allowed {C.describe_range(meta)}"
+    dflt = f"default {_fmt(real)}" + (f", demo {_fmt(demo)}" if demo != real else "")
+    return f"{text} ({dflt}{allowed})".replace("%", "%%")
+
+
+def _add_config_args(p: argparse.ArgumentParser, command: str) -> dict:
+    """One flag per config field the command uses; unset flags stay out of the namespace."""
+    groups: dict[str, Any] = {}
+    for f in fields(C.OPDConfig):
+        meta = f.metadata
+        if not meta.get("flag", True) or command not in meta["commands"]:
+            continue
+        g = groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=_help_for(f, command))
+        if meta.get("choices") is not None:
+            kw["choices"] = meta["choices"]
+        elif meta.get("nargs"):
+            kw.update(type=float, nargs=meta["nargs"], metavar=("LOW", "HIGH"))
+        elif isinstance(default, int) and not isinstance(default, bool):
+            kw["type"] = int
+        elif isinstance(default, float) or default is None:
+            kw["type"] = float
+        g.add_argument(_flag(f.name), **kw)
+    return groups
+
+
+def _add_run_args(p: argparse.ArgumentParser, groups: dict) -> None:
+    g = groups.get("run") or p.add_argument_group("run")
+    g.add_argument("--out", default=None,
+                   help="output directory (default runs/<command> for real models, "
+                        "runs/<command>-demo for the demo)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete an existing --out and start over (otherwise an existing run is refused)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--cache-dir", default=None,
+                   help="demo: where the built-in models are cached (default $PYOPD_CACHE_DIR or "
+                        "~/.cache/pyopd)")
 
 
-def _config_from(args, **overrides):
-    from pyopd.trainers.opd import OPDConfig
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyopd", description=__doc__.split("\n\n")[0],
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:3]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fire-opd,copsd,info}")
+    p = sub.add_parser("fire-opd", help="FiRe-OPD: the demo, or a run with real models",
+                       description="FiRe-OPD (filter, then reweight). Without --student/--teacher: "
+                                   "the built-in demo compares several objectives from one start.")
+    g = p.add_argument_group("models and data")
+    g.add_argument("--student", help="student model directory (save_pretrained)")
+    g.add_argument("--teacher", help="teacher model directory")
+    g.add_argument("--teacher2", help="second teacher (multi-teacher: prompts name their teacher)")
+    g.add_argument("--prompts", help="JSONL file: {\"prompt\": ..., \"teacher\"?: \"teacher2\"} per line")
+    g = p.add_argument_group("demo")
+    g.add_argument("--scale", default="demo", choices=("tiny", "demo"),
+                   help="size of the built-in task models (default %(default)s)")
+    g.add_argument("--multi-teacher", action="store_true",
+                   help="route each sample to its family's specialist teacher")
+    g.add_argument("--losses", default="opd,fire,rkl,fire-rkl",
+                   help="objectives to compare, each from the same start (default %(default)s)")
+    _add_run_args(p, _add_config_args(p, "fire-opd"))
 
-    names = {f.name for f in fields(OPDConfig)}
-    kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = OPDConfig(**kw)
+    p = sub.add_parser("copsd", help="COPSD: the demo, or a run with real models",
+                       description="COPSD: Cross-SFT cold start of the teacher, then on-policy distillation "
+                                   "from the constitution-conditioned teacher. Without --student: the "
+                                   "built-in safety demo (OPSD vs COPSD vs SFT).")
+    g = p.add_argument_group("models and data")
+    g.add_argument("--student", help="student model directory (save_pretrained)")
+    g.add_argument("--teacher", help="model the teacher is made from (default: the student)")
+    g.add_argument("--constitution", help="template file with a {user_query} slot (default: the shipped one)")
+    g.add_argument("--prompts", help="JSONL: {\"prompt\": ..., \"category\": benign|over_refusal|unsafe}")
+    g.add_argument("--frontier-answers", help="JSONL: {\"prompt\": ..., \"answer\": ...} for the unsafe prompts")
+    g = p.add_argument_group("COPSD")
+    g.add_argument("--objective", choices=("sampled", "full"), default="sampled",
+                   help="sampled-token COPSD loss or the analytic full-vocabulary reverse KL "
+                        "(default %(default)s)")
+    g.add_argument("--baseline", choices=("copsd", "opsd", "sft"), default="copsd",
+                   help="opsd: skip Cross-SFT (the teacher is the initial model with the constitution); "
+                        "sft: fine-tune the student on the Cross-SFT teacher's answers instead of OPD "
+                        "(default %(default)s)")
+    g.add_argument("--cross-sft-epochs", type=int, default=2,
+                   help="Cross-SFT epochs of the teacher (default %(default)s; allowed >= 1)")
+    g.add_argument("--scale", default="safety", choices=("safety",),
+                   help="demo: the built-in safety model (default %(default)s)")
+    _add_run_args(p, _add_config_args(p, "copsd"))
+    sub.add_parser("info", help="print what the extension was built with")
+    return parser
+
+
+# ---------------------------------------------------------------------------- input checks
+
+
+def _config(command: str, args, demo: bool, **fixed) -> "C.OPDConfig":
+    """Presets, then the user's flags (they always win), then ``fixed`` (set by the command itself).
+
+    The demo preset's response budget comes from its task (the longest answer).
+    """
+    names = {f.name for f in fields(C.OPDConfig)}
+    user = {k: v for k, v in vars(args).items() if k in names}
+    clash = sorted(set(user) & set(fixed))
+    if clash:
+        raise UsageError(f"{', '.join(_flag(k) for k in clash)} cannot be set here "
+                         f"(this command sets {', '.join(f'{k}={fixed[k]}' for k in clash)})")
+    user.update(fixed)
+    if args.out is not None:
+        user["out_dir"] = args.out
     try:
+        extra = None
+        if demo:
+            if command == "fire-opd":
+                from pyopd.demo.fire_opd import default_max_new_tokens
+            else:
+                from pyopd.demo.copsd import default_max_new_tokens
+            extra = {"max_new_tokens": default_max_new_tokens()}
+        cfg = C.resolve(command, user, demo=demo, demo_extra=extra)
         cfg.validate()
     except ValueError as e:
-        raise UsageError(str(e).replace("_", "-")) from None
+        msg = str(e)
+        for f in names:  # name the flag, not the field
+            msg = msg.replace(f"{f} must", f"{_flag(f)} must")
+        raise UsageError(msg) from None
     return cfg
-
-
-# ---------------------------------------------------------------------------- fire-opd
 
 
 def _check_model_dir(flag: str, path: Optional[str]) -> Optional[Path]:
@@ -95,24 +195,32 @@ def _check_model_dir(flag: str, path: Optional[str]) -> Optional[Path]:
     return p
 
 
-def _read_jsonl(flag: str, path: str, required: Sequence[str]) -> list[dict]:
+def read_text(flag: str, path: str) -> str:
+    """A UTF-8 text file, or a UsageError naming the flag."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UsageError(f"{flag}: file {str(p)!r} does not exist")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{flag}: {str(p)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _read_jsonl(flag: str, path: str, required: Sequence[str]) -> list[dict]:
     rows = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(flag, path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"{flag}: line {i} of {p} is not JSON ({e.msg})") from None
+            raise UsageError(f"{flag}: line {i} of {path} is not JSON ({e.msg})") from None
         for key in required:
             if not isinstance(obj, dict) or not isinstance(obj.get(key), str) or not obj[key]:
-                raise UsageError(f"{flag}: line {i} of {p} has no non-empty \"{key}\" string")
+                raise UsageError(f"{flag}: line {i} of {path} has no non-empty \"{key}\" string")
         rows.append(obj)
     if not rows:
-        raise UsageError(f"{flag}: {p} is empty")
+        raise UsageError(f"{flag}: {path} is empty")
     return rows
 
 
@@ -127,13 +235,28 @@ def read_prompts(path: str, teacher_names: Sequence[str]) -> list[dict]:
     return rows
 
 
+def _prepare_out(out_dir: str, args) -> None:
+    """Refuse to run over an existing run unless --resume or --overwrite (checked before any write)."""
+    out = Path(out_dir)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    if not out.exists() or args.resume:
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out_dir!r} exists and is not a directory")
+    if any(out.iterdir()):
+        if not args.overwrite:
+            raise UsageError(f"--out {out_dir!r} already holds a run: pass --resume to continue it, "
+                             f"--overwrite to delete it and start over, or another --out")
+
+
+def _start_out(out_dir: str, args) -> None:
+    if args.overwrite and Path(out_dir).exists():
+        shutil.rmtree(out_dir)
+
+
 def _vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
-
-
-def _refuse_existing_run(out_dir: str, resume: bool) -> None:
-    if not resume and any(Path(out_dir).glob("checkpoint-*")):
-        raise UsageError(f"--out {out_dir!r} already has checkpoints: pass --resume or another --out")
 
 
 def _load_tokenizer(model_dir: Path):
@@ -158,8 +281,8 @@ def _check_teacher(flag: str, teacher, teacher_dir: Path, student, student_tok) 
 def check_shared_vocab(flag: str, student_tok, model_dir: Path) -> None:
     """When ``model_dir`` ships a tokenizer, every student token must have the same id there.
 
-    The fused KL compares logits id by id (DESIGN.md section 2): a teacher whose
-    tokenizer numbers tokens differently would be compared against the wrong rows.
+    The fused KL compares logits id by id: a teacher whose tokenizer numbers
+    tokens differently would be compared against the wrong rows.
     """
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return
@@ -172,30 +295,42 @@ def check_shared_vocab(flag: str, student_tok, model_dir: Path) -> None:
                              f"student's gives {idx}; teacher and student must share the vocabulary")
 
 
+def _load_model(d: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------- fire-opd
+
+
 def _run_fire_opd(args) -> int:
     if args.student or args.teacher or args.teacher2 or args.prompts:
-        return _run_real(args)
-    from pyopd.demo import run_demo
-
-    cfg_overrides = dict(steps=args.steps, prompts_per_step=args.prompts_per_step, n=args.n,
-                         max_new_tokens=args.max_new_tokens, lr=args.lr,
-                         eval_every=args.eval_every, save_every=args.save_every)
-    base = _config_from(args, **cfg_overrides)
-    from pyopd.trainers.opd import LOSSES
+        return _run_fire_opd_real(args)
+    from pyopd.objectives import get_objective
 
     losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
-    bad = [x for x in losses if x not in LOSSES or x in ("exopd", "copsd")]
+    known = C.objective_catalog()
+    bad = [x for x in losses if x not in known]
     if not losses or bad:
-        raise UsageError(f"--losses: unknown or unsupported in the demo: {bad}; pick from "
-                         f"{[x for x in LOSSES if x not in ('exopd', 'copsd')]}")
-    run_demo(base, losses=losses, explicit={k for k, v in cfg_overrides.items() if v is not None},
-             scale=args.scale, out=Path(args.out or "runs/fire-opd-demo"),
-             cache_dir=args.cache_dir, multi_teacher=args.multi_teacher,
-             progress=not args.no_progress, resume=args.resume)
+        raise UsageError(f"--losses: unknown objectives {bad}; pick from {list(known)}")
+    if "loss" in vars(args):
+        raise UsageError("--loss names the objective of a real-model run; the demo compares --losses")
+    cfg = _config("fire-opd", args, demo=True)
+    for name in losses:
+        get_objective(name)  # imports the registry (torch) only now
+    _prepare_out(cfg.out_dir, args)
+    _start_out(cfg.out_dir, args)
+    from pyopd.demo.fire_opd import run_demo
+
+    run_demo(cfg, losses=losses, scale=args.scale, out=Path(cfg.out_dir), cache_dir=args.cache_dir,
+             multi_teacher=args.multi_teacher, progress=not args.no_progress, resume=args.resume)
     return 0
 
 
-def _run_real(args) -> int:
+def _run_fire_opd_real(args) -> int:
+    cfg = _config("fire-opd", args, demo=False)
     student_dir = _check_model_dir("--student", args.student)
     teacher_dir = _check_model_dir("--teacher", args.teacher)
     teacher2_dir = _check_model_dir("--teacher2", args.teacher2)
@@ -205,33 +340,27 @@ def _run_real(args) -> int:
         raise UsageError("--prompts FILE.jsonl is required with --student/--teacher")
     names = ["teacher"] + (["teacher2"] if teacher2_dir else [])
     rows = read_prompts(args.prompts, names)
-    cfg = _config_from(args, loss=args.loss or "fire", out_dir=args.out or "runs/fire-opd",
-                       steps=args.steps, prompts_per_step=args.prompts_per_step, n=args.n,
-                       max_new_tokens=args.max_new_tokens, lr=args.lr,
-                       eval_every=args.eval_every, save_every=args.save_every)
-    _refuse_existing_run(cfg.out_dir, args.resume)
+    _prepare_out(cfg.out_dir, args)
     import random
-
-    import torch
-    from transformers import AutoModelForCausalLM
 
     from pyopd.trainers.opd import OPDTrainer, PromptBatch
 
     tok = _load_tokenizer(student_dir)
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    student = _load_model(student_dir)
     teacher_dirs = {"teacher": teacher_dir, **({"teacher2": teacher2_dir} if teacher2_dir else {})}
     teachers = {}
     for name, d in teacher_dirs.items():
-        teachers[name] = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        teachers[name] = _load_model(d)
         _check_teacher(f"--{name}", teachers[name], d, student, tok)
-    reference = None
-    if cfg.loss == "exopd":
-        reference = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    from pyopd.objectives import get_objective
+
+    reference = _load_model(student_dir) if get_objective(cfg.loss).needs_reference else None
 
     def prompts(step: int, count: int, rng: random.Random) -> PromptBatch:
         pick = [rows[rng.randrange(len(rows))] for _ in range(count)]
         return PromptBatch([r["prompt"] for r in pick], [r["teacher"] for r in pick])
 
+    _start_out(cfg.out_dir, args)
     trainer = OPDTrainer(cfg, student, teachers, tok, prompts, reference=reference,
                          progress=not args.no_progress)
     t0 = time.time()
@@ -245,26 +374,26 @@ def _run_real(args) -> int:
 
 
 def _run_copsd(args) -> int:
-    from pyopd.trainers.copsd import CATEGORIES, ConstitutionError, load_constitution
+    from pyopd.trainers.copsd import CATEGORIES, DEFAULT_CONSTITUTION, ConstitutionError, check_template
 
     try:
-        template = load_constitution(args.constitution)
+        template = DEFAULT_CONSTITUTION if args.constitution is None else \
+            check_template(read_text("--constitution", args.constitution), args.constitution)
     except ConstitutionError as e:
         raise UsageError(f"--constitution: {e}") from None
     if args.cross_sft_epochs < 1:
         raise UsageError(f"--cross-sft-epochs must be >= 1, got {args.cross_sft_epochs}")
-    if not (args.student or args.teacher or args.prompts):
-        from pyopd.demo import run_copsd_demo
+    loss = "copsd" if args.objective == "sampled" else "rkl"
+    demo = not (args.student or args.teacher or args.prompts)
+    cfg = _config("copsd", args, demo=demo, loss=loss)
+    if demo:
+        _prepare_out(cfg.out_dir, args)
+        _start_out(cfg.out_dir, args)
+        from pyopd.demo.copsd import run_copsd_demo
 
-        overrides = dict(steps=args.steps, prompts_per_step=args.prompts_per_step, n=args.n,
-                         max_new_tokens=args.max_new_tokens, lr=args.lr, eval_every=args.eval_every,
-                         save_every=args.save_every)
-        base = _config_from(args, loss="copsd", **overrides)
-        run_copsd_demo(base, explicit={k for k, v in overrides.items() if v is not None},
-                       scale=args.scale, out=Path(args.out or "runs/copsd-demo"),
-                       cache_dir=args.cache_dir, objective=args.objective,
-                       cross_sft_epochs=args.cross_sft_epochs, progress=not args.no_progress,
-                       resume=args.resume)
+        run_copsd_demo(cfg, scale=args.scale, out=Path(cfg.out_dir), cache_dir=args.cache_dir,
+                       objective=args.objective, cross_sft_epochs=args.cross_sft_epochs,
+                       progress=not args.no_progress, resume=args.resume)
         return 0
     student_dir = _check_model_dir("--student", args.student)
     teacher_dir = _check_model_dir("--teacher", args.teacher) or student_dir
@@ -276,7 +405,7 @@ def _run_copsd(args) -> int:
         if r["category"] not in CATEGORIES:
             raise UsageError(f"--prompts: entry {i} has category {r['category']!r}; use one of {CATEGORIES}")
     unsafe = [r["prompt"] for r in prompts if r["category"] == "unsafe"]
-    frontier = {}
+    frontier: dict = {}
     if args.baseline != "opsd":
         if not args.frontier_answers:
             raise UsageError("--frontier-answers FILE is required for the Cross-SFT stage "
@@ -287,40 +416,27 @@ def _run_copsd(args) -> int:
         if missing:
             raise UsageError(f"--frontier-answers has no answer for {len(missing)} unsafe prompt(s), "
                              f"e.g. {missing[0]!r}")
-    cfg = _config_from(args, loss="copsd" if args.objective == "sampled" else "rkl",
-                       out_dir=args.out or "runs/copsd", steps=args.steps,
-                       prompts_per_step=args.prompts_per_step, n=args.n,
-                       max_new_tokens=args.max_new_tokens, lr=args.lr, eval_every=args.eval_every,
-                       save_every=args.save_every, dual_clip=args.dual_clip if args.dual_clip else 3.0)
-    out = Path(cfg.out_dir)
-    _refuse_existing_run(cfg.out_dir, args.resume)
+    _prepare_out(cfg.out_dir, args)
     import random
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from pyopd.tasks.recipe import generate
-    from pyopd.trainers.copsd import build_cross_sft_set, sft_epochs, wrap
+    from pyopd.trainers.copsd import cross_sft_teacher, wrap
     from pyopd.trainers.opd import OPDTrainer, PromptBatch
+    from pyopd.trainers.sft import SFTRecord, sft_epochs
 
+    out = Path(cfg.out_dir)
     tok = _load_tokenizer(student_dir)
-    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)  # noqa: E731
-    student, initial, teacher = load(student_dir), load(student_dir), load(teacher_dir)
+    student, initial, teacher = _load_model(student_dir), _load_model(student_dir), _load_model(teacher_dir)
     _check_teacher("--teacher", teacher, teacher_dir, student, tok)
-    if args.baseline != "opsd" and not (out / "teacher-cross-sft" / "config.json").is_file():
-        records = build_cross_sft_set(
-            [(r["category"], r["prompt"]) for r in prompts],
-            lambda qs: generate(initial, tok, qs, max_new_tokens=cfg.max_new_tokens), frontier, template)
-        sft_epochs(teacher, tok, records, epochs=args.cross_sft_epochs, seed=cfg.seed)
-        teacher.save_pretrained(out / "teacher-cross-sft")
-        tok.save_pretrained(out / "teacher-cross-sft")
-        print(f"[pyopd] Cross-SFT teacher ({len(records)} records) -> {out / 'teacher-cross-sft'}")
-    elif args.baseline != "opsd":
-        teacher = load(out / "teacher-cross-sft")
+    _start_out(cfg.out_dir, args)
+    if args.baseline != "opsd":
+        teacher = cross_sft_teacher(
+            lambda: _load_model(teacher_dir), tok, [(r["category"], r["prompt"]) for r in prompts],
+            lambda qs: generate(initial, tok, qs, max_new_tokens=cfg.max_new_tokens), frontier, template,
+            out=out, epochs=args.cross_sft_epochs, seed=cfg.seed,
+            key={"base": str(teacher_dir.resolve()), "max_new_tokens": cfg.max_new_tokens})
 
     if args.baseline == "sft":
-        from pyopd.trainers.copsd import SFTRecord
-
         qs = [r["prompt"] for r in prompts]
         answers = generate(teacher, tok, [wrap(template, q) for q in qs], max_new_tokens=cfg.max_new_tokens)
         sft_epochs(student, tok, [SFTRecord(q, a, r["category"], "teacher")
@@ -346,43 +462,6 @@ def _run_copsd(args) -> int:
 # ---------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyopd", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fire-opd", help="FiRe-OPD: the demo, or a run with real models")
-    p.add_argument("--student", help="student model directory (save_pretrained)")
-    p.add_argument("--teacher", help="teacher model directory")
-    p.add_argument("--teacher2", help="second teacher (multi-teacher: prompts name their teacher)")
-    p.add_argument("--prompts", help="JSONL file: {\"prompt\": ..., \"teacher\"?: \"teacher2\"}")
-    p.add_argument("--scale", default="demo", help="demo: size of the built-in task models")
-    p.add_argument("--cache-dir", default=None, help="where the built-in models are cached")
-    p.add_argument("--multi-teacher", action="store_true",
-                   help="demo: route each sample to its family's specialist teacher")
-    p.add_argument("--losses", default="opd,fire,rkl,fire-rkl",
-                   help="demo: objectives to compare, each from the same start (default %(default)s)")
-    _add_opd_args(p)
-    p = sub.add_parser("copsd", help="COPSD: the demo, or a run with real models")
-    p.add_argument("--student", help="student model directory (save_pretrained)")
-    p.add_argument("--teacher", help="model the teacher is made from (default: the student)")
-    p.add_argument("--constitution", help="template file with a {user_query} slot (default: shipped)")
-    p.add_argument("--prompts", help="JSONL: {\"prompt\": ..., \"category\": benign|over_refusal|unsafe}")
-    p.add_argument("--frontier-answers", help="JSONL: {\"prompt\": ..., \"answer\": ...} for unsafe prompts")
-    p.add_argument("--objective", choices=("sampled", "full"), default="sampled",
-                   help="sampled-token COPSD loss or the analytic full-vocabulary reverse KL")
-    p.add_argument("--baseline", choices=("copsd", "opsd", "sft"), default="copsd",
-                   help="opsd: skip Cross-SFT (the teacher is the initial model with the constitution); "
-                        "sft: fine-tune the student on the Cross-SFT teacher's answers instead of OPD")
-    p.add_argument("--cross-sft-epochs", type=int, default=2)
-    p.add_argument("--kl-coef", type=float, default=0.005)
-    p.add_argument("--reward-bonus", type=float, default=0.02)
-    p.add_argument("--scale", default="safety", help="demo: size of the built-in safety model")
-    p.add_argument("--cache-dir", default=None)
-    _add_opd_args(p)
-    sub.add_parser("info", help="print pyopd.build_info()")
-    return parser
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -399,6 +478,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         print(f"pyopd {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as e:  # a diverged run: a clear line, no traceback; checkpoints are kept
+        from pyopd.trainers.opd import NonFiniteError
+
+        if isinstance(e, NonFiniteError):
+            print(f"pyopd {args.command}: stopped: {e}", file=sys.stderr)
+            return EXIT_DIVERGED
+        raise
     return 1
 
 

@@ -46,7 +46,7 @@ class OPDConfig:
     """Hyperparameters of one OPD run; defaults follow the FiRe-OPD paper where it gives one."""
 
     # ---- method
-    loss: str = option("fire", "objective to train with (see `pyopd.objectives`)", choices=None)
+    loss: str = option("fire", "objective of a run with real models", commands=("fire-opd",))
     preset: str = option("paper", "'paper': the papers' equations with pyopd's fixes; 'released': "
                          "reproduce the authors' released code numerically", choices=PRESETS)
     percentile: float = option(20.0, "FiRe-OPD: drop rollouts below this percentile of the "
@@ -169,6 +169,8 @@ def describe_range(meta: dict) -> str:
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is None and hi is None:
         return "any finite number"
+    if hi is None:
+        return f"{'>' if meta.get('lo_open') else '>='} {_g(lo)}"
     left = "(" if meta.get("lo_open") else "["
     right = ")" if meta.get("hi_open") else "]"
     return f"{left}{'-inf' if lo is None else _g(lo)}, {'inf' if hi is None else _g(hi)}{right}"
@@ -210,6 +212,31 @@ def resolve(command: str, user: dict[str, Any], demo: bool = False,
     if isinstance(kw.get("reward_clip"), list):
         kw["reward_clip"] = tuple(kw["reward_clip"])
     return OPDConfig(**kw)
+
+
+def objective_catalog() -> dict[str, str]:
+    """name -> one-line summary of every objective module in `pyopd.objectives`, read without
+    importing them (their classes import torch; help must not).
+
+    A test checks that this agrees with the imported registry.
+    """
+    import ast
+    from pathlib import Path
+
+    found: dict[str, str] = {}
+    for path in sorted((Path(__file__).parent / "objectives").glob("*.py")):
+        if path.name.startswith("_") or path.name == "base.py":
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            if not any(getattr(d, "id", None) == "register" for d in node.decorator_list):
+                continue
+            attrs = {t.id: stmt.value.value for stmt in node.body if isinstance(stmt, ast.Assign)
+                     for t in stmt.targets if isinstance(t, ast.Name) and isinstance(stmt.value, ast.Constant)}
+            if "name" in attrs:
+                found[attrs["name"]] = attrs.get("summary", "")
+    return dict(sorted(found.items()))
 
 
 def default_for(name: str, command: str, demo: bool) -> Any:

@@ -118,15 +118,13 @@ def test_diversity_of_identical_and_distinct_groups():
 
 
 def test_copsd_demo_both_stages_tiny(tmp_path):
-    from pyopd.demo import run_copsd_demo
+    from pyopd.demo.copsd import run_copsd_demo
     from pyopd.trainers.opd import OPDConfig
 
     out = tmp_path / "copsd"
-    base = OPDConfig(steps=2, prompts_per_step=3, n=2, eval_every=2, save_every=1, micro_batch=4,
-                     max_new_tokens=8)
-    summary = run_copsd_demo(base, explicit={"steps", "prompts_per_step", "n", "eval_every",
-                                             "save_every", "micro_batch", "max_new_tokens"},
-                             scale="safety-tiny", out=out, cache_dir=str(tmp_path / "cache"),
+    base = OPDConfig(loss="copsd", steps=2, prompts_per_step=3, n=2, eval_every=2, save_every=1,
+                     micro_batch=4, max_new_tokens=8, lr=5e-4, dual_clip=3.0)
+    summary = run_copsd_demo(base, scale="safety-tiny", out=out, cache_dir=str(tmp_path / "cache"),
                              progress=False, log=lambda *_: None, n_eval=12, n_cross_sft=16)
     res = summary["results"]
     assert {"initial", "OPSD", "COPSD", "SFT on teacher answers"} <= set(res)
@@ -135,7 +133,7 @@ def test_copsd_demo_both_stages_tiny(tmp_path):
                     "safety_tax"):
             assert key in res[name], (name, key)
         assert (out / name.lower() / "checkpoint-2" / "COMPLETE").is_file()
-    assert (out / "teacher-cross-sft" / "config.json").is_file()
+    assert len(list(out.glob("teacher-cross-sft-*/config.json"))) == 1
     recs = [json.loads(ln) for ln in (out / "copsd" / "metrics.jsonl").read_text().splitlines()]
     assert "rollout/diversity" in recs[-1] and "reward_mean" in recs[-1]
 

@@ -3,37 +3,23 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pyopd.tasks.base import Example, Task
+from pyopd.trainers.sft import answer_loss, sft_loop
+from pyopd.trainers.sft import sft_batch as _sft_batch
+
+__all__ = ["answer_loss", "evaluate", "generate", "sft_batch", "train_sft"]
 
 Log = Callable[[str], None]
 
 
 def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``/``labels`` for ``<bos> prompt answer <eos>``; labels only on answer + eos."""
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
-    answers = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
-    seqs = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, (p, s) in enumerate(zip(prompts, seqs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        labels[i, len(p) : len(s)] = ids[i, len(p) : len(s)]
-    return {"input_ids": ids, "labels": labels}
-
-
-def answer_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (answer) positions."""
-    # Right padding + causal attention: pads come after every real token, so no mask is needed.
-    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1))
+    return _sft_batch(tokenizer, [(e.prompt, e.answer) for e in examples])
 
 
 def train_sft(
@@ -56,23 +42,17 @@ def train_sft(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min((i + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
     )
-    model.train()
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    for step in range(steps):
-        batch = sft_batch(tokenizer, task.sample(batch_size, rng, exclude=excluded))
-        loss = answer_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log is not None and (step + 1) % log_every == 0:
+
+    def batches():
+        for _ in range(steps):
+            yield [(e.prompt, e.answer) for e in task.sample(batch_size, rng, exclude=excluded)]
+
+    def on_step(step: int, losses: list[float], elapsed: float) -> None:
+        if log is not None and step % log_every == 0:
             recent = losses[-log_every:]
-            log(f"  step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - t0:.1f}s)")
-    model.eval()
-    return losses
+            log(f"  step {step}/{steps} loss {sum(recent) / len(recent):.4f} ({elapsed:.1f}s)")
+
+    return sft_loop(model, tokenizer, batches(), opt, sched, on_step=on_step)
 
 
 @torch.no_grad()

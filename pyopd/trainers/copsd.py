@@ -15,14 +15,19 @@ analytic full-vocabulary reverse KL to the conditioned teacher (loss="rkl").
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import random
+import os
+import shutil
+import uuid
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from pyopd.trainers.sft import SFTRecord, sft_epochs  # noqa: F401  (re-exported)
 
 SLOT = "{user_query}"
 CATEGORIES = ("benign", "over_refusal", "unsafe")
@@ -52,7 +57,10 @@ def load_constitution(path: Optional[str]) -> str:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConstitutionError(f"constitution file {str(p)!r} does not exist")
-    text = p.read_text()
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConstitutionError(f"constitution file {str(p)!r} is not UTF-8 text (byte {e.start})") from None
     return check_template(text, str(p))
 
 
@@ -71,14 +79,6 @@ def wrap(template: str, user_query: str) -> str:
 
 
 # ----------------------------------------------------------------------------- Cross-SFT data
-
-
-@dataclass(frozen=True)
-class SFTRecord:
-    prompt: str      # what the model being fine-tuned sees (constitution-wrapped for Cross-SFT)
-    response: str    # the target completion
-    category: str    # benign | over_refusal | unsafe
-    source: str      # "student" (its own answer) or "frontier" (constitution-following)
 
 
 def build_cross_sft_set(prompts: Sequence[tuple[str, str]], student_answer: Callable[[list[str]], list[str]],
@@ -107,34 +107,49 @@ def build_cross_sft_set(prompts: Sequence[tuple[str, str]], student_answer: Call
     return records
 
 
-def sft_epochs(model, tokenizer, records: Sequence[SFTRecord], epochs: int = 2, batch_size: int = 32,
-               lr: float = 5e-4, seed: int = 0) -> list[float]:
-    """Plain SFT on fixed records (loss on the response + EOS only); returns per-step losses."""
-    from pyopd.tasks.base import Example
-    from pyopd.tasks.recipe import answer_loss, sft_batch
+def cross_sft_teacher(load_base: Callable[[], object], tokenizer, prompts: Sequence[tuple[str, str]],
+                      student_answer: Callable[[list[str]], list[str]], frontier_answers: dict[str, str],
+                      template: str, *, out: Path, epochs: int = 2, seed: int = 0,
+                      key: Optional[dict] = None, log: Callable[[str], None] = print):
+    """Stage 1, used by the CLI and the demo: the Cross-SFT teacher, built once per recipe.
 
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if not records:
-        raise ValueError("no SFT records")
-    exs = [Example(r.prompt, r.response, r.response) for r in records]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    losses = []
-    model.train()
-    for _ in range(epochs):
-        order = list(range(len(exs)))
-        rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
-            batch = sft_batch(tokenizer, [exs[j] for j in order[i:i + batch_size]])
-            loss = answer_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-    model.eval()
-    return losses
+    The teacher is cached under ``out/teacher-cross-sft-<hash>``, the hash covering
+    everything it is built from (constitution, prompts, frontier answers, epochs,
+    seed and ``key``: the base model and generation settings), so another
+    constitution or prompt set never reuses it. It is written into a temporary
+    sibling and renamed into place, so a killed run leaves no half-written
+    teacher; stale temporaries are removed.
+    """
+    recipe = {"template": template, "prompts": list(map(list, prompts)),
+              "frontier": sorted(frontier_answers.items()), "epochs": epochs, "seed": seed,
+              "key": key or {}}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    final = out / f"teacher-cross-sft-{digest}"
+    if (final / "config.json").is_file() and (final / "recipe.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        log(f"[pyopd] Cross-SFT teacher: reusing {final}")
+        return AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".teacher-cross-sft-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    records = build_cross_sft_set(prompts, student_answer, frontier_answers, template)
+    torch.manual_seed(seed)
+    teacher = load_base()
+    losses = sft_epochs(teacher, tokenizer, records, epochs=epochs, seed=seed)
+    tmp = out / f".teacher-cross-sft-{digest}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        teacher.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.json").write_text(json.dumps({"sha256_16": digest, **recipe}, indent=1))
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    counts = {c: sum(r.category == c for r in records) for c in CATEGORIES}
+    log(f"[pyopd] Cross-SFT teacher: {len(records)} records {counts}, {epochs} epochs, "
+        f"final loss {sum(losses[-5:]) / min(5, len(losses)):.3f} -> {final}")
+    return teacher
 
 
 # ----------------------------------------------------------------------------- diagnostics

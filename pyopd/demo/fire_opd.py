@@ -1,0 +1,168 @@
+"""The built-in FiRe-OPD demo: OPD vs FiRe-OPD vs the exact reverse KL on the synthetic tasks (CPU).
+
+`pyopd fire-opd` with no model arguments calls `run_demo` with a config that
+already holds the demo preset and the user's flags: it prepares (or loads
+from the cache) a weak student and the teacher(s), trains one copy of the
+student with each objective from the same start, seed and budget, evaluates
+with the task's verifier, prints a table and writes a plot.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pyopd.trainers.opd import OPDConfig, OPDTrainer, PromptBatch
+from pyopd.trainers.records import plot_curves
+
+EVAL_N = 192
+
+
+def eval_examples():
+    from pyopd.tasks.registry import get_task
+
+    task = get_task("mixed")
+    return task, task.eval_set(EVAL_N)
+
+
+def default_max_new_tokens() -> int:
+    """The demo's response budget: the longest eval answer in tokens, plus 4."""
+    from pyopd.tasks.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    return max(len(tok(e.answer)["input_ids"]) for e in eval_examples()[1]) + 4
+
+
+def make_evaluator(task, tokenizer, examples, max_new_tokens: int, k: int = 4, n_sampled: int = 64):
+    """Greedy accuracy (overall and per family), plus avg@k and pass@k of k samples (T=1)
+    on the first ``n_sampled`` prompts. Sampling uses its own seed and leaves the global RNG
+    as it was, so evaluating never changes a training run."""
+    from pyopd.tasks.recipe import generate
+
+    prompts = [e.prompt for e in examples]
+    sub = examples[:n_sampled]
+
+    def evaluate(model) -> dict:
+        completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        ok = task.score(examples, completions)
+        res = {"accuracy": sum(ok) / len(ok)}
+        for fam in sorted({e.family for e in examples}):
+            idx = [i for i, e in enumerate(examples) if e.family == fam]
+            res[f"accuracy_{fam}"] = sum(ok[i] for i in idx) / len(idx)
+        if k > 0 and sub:
+            state = torch.get_rng_state()
+            torch.manual_seed(4321)
+            samples = generate(model, tokenizer, [e.prompt for e in sub for _ in range(k)],
+                               max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0)
+            torch.set_rng_state(state)
+            hits = task.score([e for e in sub for _ in range(k)], samples)
+            per = [hits[i * k:(i + 1) * k] for i in range(len(sub))]
+            res[f"avg@{k}"] = sum(map(sum, per)) / (k * len(sub))
+            res[f"pass@{k}"] = sum(any(h) for h in per) / len(sub)
+        return res
+
+    return evaluate
+
+
+def make_prompt_source(task, teacher_for, exclude=()):
+    """Training prompts drawn fresh each step; ``exclude`` keeps the eval prompts out."""
+    excluded = frozenset(exclude)
+
+    def prompts(step: int, count: int, rng: random.Random) -> PromptBatch:
+        examples = task.sample(count, rng, exclude=excluded)
+        return PromptBatch([e.prompt for e in examples], [teacher_for(e) for e in examples],
+                           meta=examples)
+
+    return prompts
+
+
+def run_demo(cfg: OPDConfig, losses=("opd", "fire"), scale: str = "demo", out: Path = Path("runs/demo"),
+             cache_dir: Optional[str] = None, multi_teacher: bool = False, progress: bool = True,
+             resume: bool = False, log=print) -> dict:
+    """Train one copy of the student per objective in ``losses`` with ``cfg`` (used as given)."""
+    from pyopd.objectives import get_objective
+    from pyopd.tasks.prepare import prepare_models
+
+    t_start = time.time()
+    # One thread while preparing: two cores shared with anything else thrash otherwise.
+    prepared = prepare_models(scale=scale, cache_dir=cache_dir, seed=0, log=log, num_threads=1)
+    t_prep = time.time() - t_start
+    tok = prepared.load_tokenizer()
+    task, examples = eval_examples()
+    evaluate = make_evaluator(task, tok, examples, default_max_new_tokens())  # fixed by the task
+    if multi_teacher:
+        teacher_names = task.families
+        teacher_for = lambda e: e.family  # noqa: E731
+    else:
+        teacher_names = ["mixed"]
+        teacher_for = lambda e: "mixed"  # noqa: E731
+    teachers = {n: prepared.load_teacher(n) for n in teacher_names}
+    base = cfg
+    log(f"[pyopd] demo: {scale} models ({'multi-teacher ' + '+'.join(teacher_names) if multi_teacher else 'teacher mixed'}), "
+        f"{base.steps} steps x {base.prompts_per_step} prompts x {base.n} samples, seed {base.seed}")
+
+    teacher_eval = {n: evaluate(t)["accuracy"] for n, t in teachers.items()}  # greedy
+    start_eval = evaluate(prepared.load_student())  # every objective starts from this student
+    runs, results = {}, {}
+    for loss in losses:
+        torch.manual_seed(base.seed)
+        student = prepared.load_student()
+        cfg = replace(base, loss=loss, out_dir=str(out / loss))
+        source = make_prompt_source(task, teacher_for, exclude=[e.prompt for e in examples])
+        reference = prepared.load_student() if get_objective(loss).needs_reference else None
+        trainer = OPDTrainer(cfg, student, teachers, tok, source, reference=reference,
+                             evaluate=evaluate, log=log, progress=progress)
+        t0 = time.time()
+        hist = trainer.train(resume=resume, initial_eval=start_eval)
+        wall = time.time() - t0
+        steps = [h for h in hist if "loss" in h]
+        runs[loss] = hist
+        results[loss] = {
+            "before": hist[0].get("eval/accuracy"),
+            "after": hist[-1].get("eval/accuracy"),
+            "before_avg@4": hist[0].get("eval/avg@4"), "after_avg@4": hist[-1].get("eval/avg@4"),
+            "before_pass@4": hist[0].get("eval/pass@4"), "after_pass@4": hist[-1].get("eval/pass@4"),
+            "after_by_family": {k[len("eval/accuracy_"):]: v for k, v in hist[-1].items()
+                                if k.startswith("eval/accuracy_")},
+            "keep_ratio": sum(h.get("keep_ratio", 1.0) for h in steps) / max(1, len(steps)),
+            "tokens_per_s": sum(h["tokens_per_s"] for h in steps) / max(1, len(steps)),
+            "wall_s": wall,
+        }
+    summary = {"scale": scale, "seed": base.seed, "multi_teacher": multi_teacher,
+               "teacher_accuracy": teacher_eval, "prepare_s": t_prep,
+               "total_s": time.time() - t_start, "results": results, "config": vars(base)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    plot = plot_curves(runs, ["eval/accuracy", "eval/avg@4", "eval/pass@4", "teacher_logprob", "loss",
+                              "keep_ratio", "response_length", "student_entropy", "kl_mean"],
+                       out / "curves.png",
+                       title=f"pyopd demo ({scale}, seed {base.seed})")
+    log(format_table(summary))
+    if plot is not None:
+        log(f"[pyopd] curves: {plot}")
+    log(f"[pyopd] summary: {out / 'summary.json'} (total {summary['total_s']:.0f}s)")
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    res = summary["results"]
+    first = next(iter(res.values()))
+    rows = [("student (start)", first["before"], None, None)]  # every run starts from it
+    names = {"opd": "after OPD", "fire": "after FiRe-OPD", "rkl": "after full-vocab RKL",
+             "fire-rkl": "after FiRe + full RKL", "tip": "after TIP"}
+    for loss, r in res.items():
+        rows.append((names.get(loss, f"after {loss}"), r["after"], r["keep_ratio"], r["tokens_per_s"]))
+    teach = ", ".join(f"{k} {v:.3f}" for k, v in summary["teacher_accuracy"].items())
+    lines = [f"teacher accuracy: {teach}",
+             f"{'model':<24} {'accuracy':>9} {'keep ratio':>11} {'tokens/s':>9}"]
+    for name, acc, keep, tps in rows:
+        lines.append(f"{name:<24} {acc:>9.3f} "
+                     f"{'-' if keep is None else f'{keep:.2f}':>11} {'-' if tps is None else f'{tps:.0f}':>9}")
+    return "\n".join(lines)
+
+
