@@ -169,15 +169,19 @@ class OPDTrainer:
         state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "history": self.history, "config": asdict(self.cfg)}
         return ckpt_io.save_checkpoint(self.out_dir, self.step, self.student, self.tok, state,
-                                       keep_last=self.cfg.keep_last)
+                                       keep_last=self.cfg.keep_last, log=self.log)
 
     def resume(self) -> Optional[Path]:
-        """Load the newest complete checkpoint under out_dir, if any; returns its path."""
-        path = ckpt_io.latest_checkpoint(self.out_dir)
-        if path is None:
+        """Load the newest checkpoint under out_dir that loads completely, if any; returns its path.
+
+        Newer broken checkpoints are skipped with a log line; a directory whose
+        checkpoints all fail raises ``checkpoint.CheckpointError`` (see `load_latest`).
+        """
+        found = ckpt_io.load_latest(self.out_dir, self.student, self.log,
+                                    required=("optimizer", "scheduler"))
+        if found is None:
             return None
-        ckpt_io.load_weights(self.student, path)
-        state = ckpt_io.load_state(path)
+        path, state = found
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"])
@@ -295,7 +299,8 @@ class OPDTrainer:
         """
         cfg = self.cfg
         resumed = self.resume() if resume else None
-        log = JsonlLog(self.out_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
+        log = JsonlLog(self.out_dir / "metrics.jsonl", resume_step=self.step if resumed else None,
+                       log=self.log)
         if resumed is None and self.evaluate is not None:
             first = initial_eval if initial_eval is not None else self.evaluate(self.student)
             rec = {"step": 0, **{f"eval/{k}": v for k, v in first.items()}}

@@ -3,30 +3,95 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 
 class JsonlLog:
-    """Appends one JSON object per line; on resume, drops the lines of steps after the checkpoint."""
+    """Appends one JSON object per line, flushed and fsynced, so a kill loses at most that line.
 
-    def __init__(self, path: Path, resume_step: Optional[int] = None) -> None:
-        self.path = path
+    ``resume_step=None`` starts a new log. A previous run's non-empty log at
+    ``path`` is never destroyed: it is renamed to ``<name>.prev-<YYYYmmdd-HHMMSS>``
+    (plus ``-<n>`` if that exists) and the rename is reported through ``log``.
+
+    ``resume_step=k`` continues the log of a run resumed from step k: lines of
+    steps after k are dropped (they are recomputed). A torn last line (the run
+    was killed while writing it) is dropped with a message; a malformed line
+    anywhere else is an error naming the file and line, since it is not the
+    trace of a kill and must not be rewritten away silently.
+    """
+
+    def __init__(self, path: Path, resume_step: Optional[int] = None,
+                 log: Optional[Callable[[str], None]] = None) -> None:
+        self.path = path = Path(path)
+        self.log = log
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
+            if path.exists() and path.stat().st_size > 0:
+                kept = _move_aside(path)
+                self._say(f"[pyopd] {path} is from an earlier run: moved it to {kept.name}")
             path.write_text("")
         elif path.exists():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", -1) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            recs = read_jsonl(path, log=self._say)
+            keep = [r for r in recs if r.get("step", -1) <= resume_step]
+            _write_atomic(path, "".join(json.dumps(r, default=float) + "\n" for r in keep))
+
+    def _say(self, msg: str) -> None:
+        if self.log is not None:
+            self.log(msg)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    dest = path.with_name(f"{path.name}.prev-{stamp}")
+    n = 1
+    while dest.exists():
+        dest = path.with_name(f"{path.name}.prev-{stamp}-{n}")
+        n += 1
+    os.replace(path, dest)
+    return dest
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` via a synced temp file: a kill leaves the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path, log: Optional[Callable[[str], None]] = None) -> list[dict]:
+    """The records of a JSONL log; a torn (unparsable) LAST line is dropped and reported via ``log``.
+
+    Any other malformed line raises ValueError naming ``path`` and the line number.
+    """
+    lines = Path(path).read_text().splitlines()
+    numbered = [(i, ln) for i, ln in enumerate(lines, 1) if ln.strip()]
+    out = []
+    for j, (i, ln) in enumerate(numbered):
+        try:
+            rec = json.loads(ln)
+            if not isinstance(rec, dict):
+                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+        except ValueError as e:
+            if j == len(numbered) - 1:
+                if log is not None:
+                    log(f"[pyopd] {path}: dropped the torn last line {i} (a run killed while "
+                        f"writing it): {ln[:60]!r}")
+                break
+            raise ValueError(f"{path}: line {i} is not a JSON object ({e})") from e
+        out.append(rec)
+    return out
 
 
 def _pyplot():
