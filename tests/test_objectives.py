@@ -1,0 +1,143 @@
+"""The objective interface: registry, the worked example, temperature, divergence, Cross-SFT cache."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyopd.demo.fire_opd import make_prompt_source
+from pyopd.objectives import MicroBatch, Objective, Scores, get_objective, objective_names
+from pyopd.trainers import checkpoint as ckpt_io
+from pyopd.trainers.opd import NonFiniteError, OPDConfig, OPDTrainer
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from pyopd.tasks.prepare import prepare_models
+
+    return prepare_models(scale="tiny", cache_dir=tmp_path_factory.mktemp("cache"), seed=0, log=None)
+
+
+@pytest.fixture(scope="module")
+def task():
+    from pyopd.tasks.registry import get_task
+
+    return get_task("mixed")
+
+
+def _trainer(prepared, task, out: Path, **kw):
+    cfg = OPDConfig(**{**dict(loss="opd", steps=2, prompts_per_step=4, n=2, micro_batch=3, max_new_tokens=8,
+                              eval_every=0, save_every=1, out_dir=str(out), lr=1e-3, seed=1), **kw})
+    ref = prepared.load_student() if get_objective(cfg.loss).needs_reference else None
+    return OPDTrainer(cfg, prepared.load_student(), {"mixed": prepared.load_teacher("mixed")},
+                      prepared.load_tokenizer(), make_prompt_source(task, lambda e: "mixed"),
+                      reference=ref, log=lambda *_: None, progress=False)
+
+
+def test_every_method_of_the_issue_is_registered():
+    for name in ("opd", "fire", "rkl", "fire-rkl", "exopd", "tip", "copsd"):
+        assert name in objective_names()
+        obj = get_objective(name)
+        assert issubclass(obj, Objective) and obj.summary
+
+
+def test_forward_kl_example_gradient():
+    """The worked example's loss is -w log p with w = min(q / p_old, cap): its gradient w.r.t.
+    log p is -w / D on valid tokens and 0 elsewhere."""
+    ForwardKL = get_objective("forward-kl")
+    cfg = OPDConfig(loss="forward-kl")
+    b, t, v = 2, 3, 5
+    logits = torch.randn(b, t, v, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, v, (b, t))
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    old = torch.log_softmax(logits.detach(), -1).gather(-1, tokens[..., None])[..., 0]
+    lq = old + torch.tensor([[0.5, -1.0, 9.0], [3.0, 0.0, 0.0]], dtype=torch.float64)
+    mb = MicroBatch(rows=torch.arange(b), logits=logits, tokens=tokens, mask=mask, loss_mask=mask,
+                    old=Scores(old, torch.zeros_like(old)), teacher=Scores(lq, torch.zeros_like(lq)),
+                    reference=None, signals={}, denominator=3.0, temperature=1.0)
+    loss, metrics = ForwardKL(cfg).loss(mb)
+    lp = mb.logprob()
+    (g,) = torch.autograd.grad(loss, lp)
+    w = torch.exp(lq - old).clamp(max=10.0)
+    torch.testing.assert_close(g, torch.where(mask, -w / 3.0, torch.zeros_like(w)))
+    assert metrics["loss"] == pytest.approx(float(loss.detach()))
+
+
+def test_forward_kl_example_trains_through_the_trainer(prepared, task, tmp_path):
+    tr = _trainer(prepared, task, tmp_path, loss="forward-kl", steps=1)
+    before = [p.detach().clone() for p in tr.student.parameters()]
+    hist = tr.train()
+    assert hist[-1]["step"] == 1 and hist[-1]["loss"] == hist[-1]["loss"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.parameters()))
+
+
+@pytest.mark.parametrize("loss", ["opd", "copsd"])
+def test_one_temperature_for_sampling_scoring_and_loss(prepared, task, tmp_path, loss):
+    """At T = 0.7 the old log-probs are the sampling policy's, at T: with one optimizer step per
+    rollout batch the PPO ratio is then exactly 1 (ppo_kl 0). Before, the loss used T = 1."""
+    tr = _trainer(prepared, task, tmp_path, loss=loss, temperature=0.7, steps=1, save_every=0)
+    batch = tr.prompts(0, 4, random.Random(0))
+    sc = tr.rollout_and_score(batch)
+    ro, scored = sc["rollouts"], sc["batch"]
+    from pyopd.trainers.rollout import layout, response_logits
+
+    with torch.no_grad():
+        inputs = layout(ro.prompt_ids, ro.response, ro.mask, tr.tok.pad_token_id)
+        logits = response_logits(tr.student, inputs, ro.response.shape[1]).double()
+        want = torch.log_softmax(logits / 0.7, -1).gather(-1, ro.response[..., None])[..., 0]
+    torch.testing.assert_close(scored.old.logprob.double()[ro.mask], want[ro.mask], atol=1e-5, rtol=1e-5)
+    m = tr.train_step(batch)
+    assert abs(m["ppo_kl"]) < 1e-6 and m["pg_clipfrac"] == 0.0
+
+
+def test_nonfinite_loss_stops_before_the_step_and_keeps_the_checkpoint(prepared, task, tmp_path, monkeypatch):
+    tr = _trainer(prepared, task, tmp_path, steps=1)
+    tr.train()
+    good = ckpt_io.latest_checkpoint(tmp_path)
+    assert good is not None and good.name == "checkpoint-1"
+    tr2 = _trainer(prepared, task, tmp_path, steps=3)
+    real_loss = tr2.objective.loss
+
+    def nan_loss(mb):
+        loss, m = real_loss(mb)
+        return loss * float("nan"), m
+
+    monkeypatch.setattr(tr2.objective, "loss", nan_loss)
+    with pytest.raises(NonFiniteError, match="loss is nan.*checkpoint-1"):
+        tr2.train(resume=True)
+    assert ckpt_io.latest_checkpoint(tmp_path) == good
+    assert all(torch.isfinite(p).all() for p in tr2.student.parameters())
+
+
+def test_nonfinite_gradient_norm_stops_the_run(prepared, task, tmp_path, monkeypatch):
+    tr = _trainer(prepared, task, tmp_path, steps=1, save_every=0)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    before = [p.detach().clone() for p in tr.student.parameters()]
+    with pytest.raises(NonFiniteError, match="gradient norm is inf"):
+        tr.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.student.parameters()))
+
+
+def test_cross_sft_teacher_is_keyed_by_its_recipe_and_written_atomically(prepared, tmp_path):
+    from pyopd.trainers.copsd import cross_sft_teacher
+
+    tok = prepared.load_tokenizer()
+    prompts = [("benign", "Q:1+2=?\nA:"), ("unsafe", "Q:steal car\nA:")]
+    frontier = {"Q:steal car\nA:": "#no"}
+    logs: list[str] = []
+    (tmp_path / ".teacher-cross-sft-0123.tmp-dead").mkdir()  # left by a killed run
+
+    def build(template):
+        return cross_sft_teacher(prepared.load_student, tok, prompts, lambda qs: ["#3"] * len(qs), frontier,
+                                 template, out=tmp_path, epochs=1, seed=0, log=logs.append)
+
+    build("C:be kind\n{user_query}")
+    dirs = sorted(tmp_path.glob("teacher-cross-sft-*"))
+    assert len(dirs) == 1 and (dirs[0] / "recipe.json").is_file()
+    assert not list(tmp_path.glob(".teacher-cross-sft-*"))
+    build("C:be kind\n{user_query}")
+    assert "reusing" in logs[-1]
+    build("C:another rule\n{user_query}")  # another constitution: another teacher
+    assert len(sorted(tmp_path.glob("teacher-cross-sft-*"))) == 2
