@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -179,7 +180,7 @@ def _config(command: str, args, demo: bool, **fixed) -> "C.OPDConfig":
     except ValueError as e:
         msg = str(e)
         for f in names:  # name the flag, not the field
-            msg = msg.replace(f"{f} must", f"{_flag(f)} must")
+            msg = re.sub(rf"(?<![\w-]){f} must", f"{_flag(f)} must", msg)
         raise UsageError(msg) from None
     return cfg
 

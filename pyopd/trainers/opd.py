@@ -6,11 +6,18 @@ Read it top to bottom in `OPDTrainer.train`: each step
 2. scores them without grad: the student's old log-probs, and each row's own
    teacher's log-probs and entropies (`pyopd.token_stats`, logits freed per
    micro-batch; multi-teacher rows are routed by name);
-3. takes the batch-level signals (FiRe-OPD's filter and weights, ...) ONCE over
-   the whole rollout batch, so micro-batching can never change them;
+3. asks the objective (`pyopd.objectives`, looked up by ``cfg.loss``) for its
+   batch-level signals (FiRe-OPD's filter and weights, COPSD's group
+   advantages, ...) ONCE over the whole rollout batch, so micro-batching can
+   never change them;
 4. updates the student in `mini_batches` optimizer steps, each accumulating
-   micro-batches whose loss shares the mini-batch's denominator;
+   micro-batches whose losses share the objective's denominator; a NaN/inf
+   loss or gradient norm stops the run before the step is applied;
 5. logs metrics (JSONL + progress bar), evaluates, checkpoints.
+
+One temperature T (``cfg.temperature``) is used throughout: sampling, the old,
+teacher and reference log-probs and entropies, and the student's log-probs in
+the losses.
 
 Each step's randomness is derived from (seed, step) and the RNG states are
 checkpointed, so a resumed run reproduces an uninterrupted one exactly.
@@ -22,74 +29,23 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
 
-import pyopd
+from pyopd.config import OPDConfig
+from pyopd.objectives import MicroBatch, ScoredBatch, Scores, make_objective, objective_names, slice_rows
 from pyopd.trainers import checkpoint as ckpt_io
 from pyopd.trainers.records import JsonlLog
-from pyopd.trainers.rollout import Rollouts, Scores, layout, response_logits, sample_rollouts, score
+from pyopd.trainers.rollout import Rollouts, layout, response_logits, sample_rollouts, score
 
-LOSSES = ("opd", "fire", "rkl", "fire-rkl", "exopd", "tip", "copsd")
+__all__ = ["NonFiniteError", "OPDConfig", "OPDTrainer", "PromptBatch", "objective_names"]
 
 
-@dataclass
-class OPDConfig:
-    """Hyperparameters; defaults follow the FiRe-OPD paper where it gives one."""
 
-    loss: str = "fire"              # one of LOSSES
-    percentile: float = 20.0        # FiRe-OPD: drop rollouts below this percentile of S_i
-    alpha: float = 1.0              # teacher-confidence weight
-    beta: float = 1.0               # student-confusion weight
-    weight_norm: str = "trajectory"  # "trajectory" (paper Eq. 8) or "batch" (released code)
-    clip: float = 0.2               # PPO clip ratio
-    dual_clip: Optional[float] = None
-    agg: str = "token-mean"
-    exopd_lambda: float = 1.25      # ExOPD / G-OPD reward scale (reference = initial student)
-    tip_rho: float = 0.5            # TIP: fraction of tokens kept
-    kl_coef: float = 0.005          # COPSD: k3 KL to the reference (initial) student
-    reward_clip: tuple = (-3.0, 5.0)  # COPSD: per-token reward clip
-    reward_bonus: float = 0.02      # COPSD: per-token reward bonus
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"   # "constant" or "cosine"
-    max_grad_norm: float = 1.0
-    steps: int = 40
-    prompts_per_step: int = 16
-    n: int = 4                      # responses per prompt
-    micro_batch: int = 16
-    mini_batches: int = 1           # optimizer steps per rollout batch
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    eval_every: int = 10
-    save_every: int = 10
-    keep_last: int = 2
-    seed: int = 0
-    out_dir: str = "runs/opd"
-
-    def validate(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if not 0.0 <= self.percentile <= 100.0:
-            raise ValueError(f"percentile must lie in [0, 100], got {self.percentile}")
-        if self.weight_norm not in ("trajectory", "batch"):
-            raise ValueError(f"weight_norm must be 'trajectory' or 'batch', got {self.weight_norm!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        for name in ("steps", "prompts_per_step", "n", "micro_batch", "mini_batches", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.prompts_per_step * self.n < self.mini_batches:
-            raise ValueError("mini_batches must not exceed prompts_per_step * n")
-        for name in ("lr", "temperature", "clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf: the step was not applied."""
 
 
 @dataclass
@@ -138,9 +94,10 @@ class OPDTrainer:
         self.teacher_names = sorted(self.teachers)
         self.prompts, self.evaluate, self.log, self.progress = prompts, evaluate, log, progress
         self.rollout_metrics = rollout_metrics
+        self.objective = make_objective(cfg)
         self.reference = reference  # frozen initial student: ExOPD's r, COPSD's KL anchor
-        if cfg.loss == "exopd" and reference is None:
-            raise ValueError("loss 'exopd' needs reference= (the frozen initial student)")
+        if self.objective.needs_reference and reference is None:
+            raise ValueError(f"loss {cfg.loss!r} needs reference= (the frozen initial student)")
         if reference is not None:
             reference.eval().requires_grad_(False)
         for t in self.teachers.values():
@@ -199,12 +156,13 @@ class OPDTrainer:
         return [ids[g] for g in ro.group.tolist()]
 
     def rollout_and_score(self, batch: PromptBatch) -> dict:
+        """Sample the rollouts and score them (no grad): {"rollouts", "batch": ScoredBatch, ...}."""
         cfg = self.cfg
         ro = sample_rollouts(self.student, self.tok, batch.prompts, cfg.n,
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                              top_p=cfg.top_p)
-        pad = self.tok.pad_token_id
-        old = score(self.student, ro.prompt_ids, ro, pad, micro_batch=cfg.micro_batch)
+        pad, T = self.tok.pad_token_id, cfg.temperature
+        old = score(self.student, ro.prompt_ids, ro, pad, micro_batch=cfg.micro_batch, temperature=T)
         row_teacher = [batch.teachers[g] for g in ro.group.tolist()]
         unknown = sorted(set(row_teacher) - set(self.teachers))
         if unknown:
@@ -216,65 +174,82 @@ class OPDTrainer:
             rows = (teacher_index == k).nonzero().flatten()
             if rows.numel():
                 s = score(self.teachers[name], tprompt_ids, ro, pad, rows=rows,
-                          micro_batch=cfg.micro_batch)
+                          micro_batch=cfg.micro_batch, temperature=T)
                 teacher.logprob[rows], teacher.entropy[rows] = s.logprob[rows], s.entropy[rows]
         ref = None
-        if self.reference is not None and cfg.loss in ("exopd", "copsd"):
-            ref = score(self.reference, ro.prompt_ids, ro, pad, micro_batch=cfg.micro_batch)
-        return {"rollouts": ro, "old": old, "teacher": teacher, "teacher_index": teacher_index,
-                "teacher_prompt_ids": tprompt_ids, "reference": ref}
+        if self.objective.needs_reference:
+            ref = score(self.reference, ro.prompt_ids, ro, pad, micro_batch=cfg.micro_batch, temperature=T)
+        scored = ScoredBatch(tokens=ro.response, mask=ro.mask, group=ro.group, old=old, teacher=teacher,
+                             teacher_index=teacher_index, num_teachers=len(self.teacher_names),
+                             reference=ref)
+        return {"rollouts": ro, "batch": scored, "teacher_prompt_ids": tprompt_ids}
 
     def train_step(self, batch: PromptBatch) -> dict:
-        cfg = self.cfg
+        cfg, obj = self.cfg, self.objective
         t0 = time.perf_counter()
         sc = self.rollout_and_score(batch)
         ro: Rollouts = sc["rollouts"]
+        scored: ScoredBatch = sc["batch"]
         t_roll = time.perf_counter() - t0
-        signals, metrics = batch_signals(cfg, sc, len(self.teacher_names))
+        signals = obj.signals(scored)
         self.student.train()
-        order = torch.arange(ro.size)
         r = ro.response.shape[1]
         pad = self.tok.pad_token_id
         micro_metrics: dict = {}
-        for mini in order.chunk(cfg.mini_batches):
+        for mini in torch.arange(ro.size).chunk(cfg.mini_batches):
             self.opt.zero_grad(set_to_none=True)
-            denom = loss_denominator(cfg, signals, mini)
-            for micro in mini.split(cfg.micro_batch):
+            micros = list(mini.split(cfg.micro_batch))
+            for micro, denom in zip(micros, obj.denominators(signals, micros)):
                 inputs = layout([ro.prompt_ids[i] for i in micro.tolist()], ro.response[micro],
                                 ro.mask[micro], pad)
-                logits = response_logits(self.student, inputs, r)
-                teacher_logits = None
-                if cfg.loss in ("rkl", "fire-rkl"):
-                    teacher_logits = self._teacher_logits(sc, micro, r)
-                loss, m = micro_loss(cfg, logits, teacher_logits, ro.response[micro],
-                                     ro.mask[micro], signals, sc, micro, denom)
+                mb = MicroBatch(
+                    rows=micro, logits=response_logits(self.student, inputs, r), tokens=ro.response[micro],
+                    mask=ro.mask[micro], loss_mask=signals.loss_mask[micro],
+                    old=slice_rows(scored.old, micro), teacher=slice_rows(scored.teacher, micro),
+                    reference=slice_rows(scored.reference, micro),
+                    signals={k: v[micro] for k, v in signals.rows.items()}, denominator=denom,
+                    temperature=cfg.temperature,
+                    teacher_logits_fn=(lambda micro=micro: self._teacher_logits(sc, micro, r))
+                    if obj.needs_teacher_logits else None)
+                loss, m = obj.loss(mb)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(self._nonfinite("loss", float(loss.detach())))
                 loss.backward()
                 for k, v in m.items():
                     # micro-batch losses share the denominator: they sum to the mini-batch loss
                     share = 1.0 / cfg.mini_batches if k == "loss" else micro.numel() / ro.size
                     micro_metrics[k] = micro_metrics.get(k, 0.0) + v * share
             grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteError(self._nonfinite("gradient norm", float(grad_norm)))
             self.opt.step()
             self.sched.step()
-        metrics = {**micro_metrics, **metrics}  # batch-level signals win over micro averages
+        metrics = {**micro_metrics, **signals.metrics}  # batch-level signals win over micro averages
         if self.rollout_metrics is not None:
             metrics.update(self.rollout_metrics(batch, ro))
         metrics.update(
             step=self.step + 1, lr=self.sched.get_last_lr()[0], grad_norm=float(grad_norm),
             response_length=float(ro.lengths().float().mean()),
-            teacher_logprob=float(_masked_mean(sc["teacher"].logprob, ro.mask)),
-            student_logprob=float(_masked_mean(sc["old"].logprob, ro.mask)),
-            student_entropy=float(_masked_mean(sc["old"].entropy, ro.mask)),
+            teacher_logprob=float(_masked_mean(scored.teacher.logprob, ro.mask)),
+            student_logprob=float(_masked_mean(scored.old.logprob, ro.mask)),
+            student_entropy=float(_masked_mean(scored.old.entropy, ro.mask)),
             tokens=int(ro.mask.sum()),
             tokens_per_s=float(ro.mask.sum()) / (time.perf_counter() - t0),
             rollout_s=t_roll, step_s=time.perf_counter() - t0)
         return metrics
 
+    def _nonfinite(self, what: str, value: float) -> str:
+        last = ckpt_io.latest_checkpoint(self.out_dir)
+        kept = f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written yet"
+        return (f"step {self.step + 1}: the {what} is {value} (loss {self.cfg.loss!r}, lr {self.cfg.lr:g}); "
+                f"the update was not applied and the run stopped; {kept}. Lower --lr or "
+                f"--max-grad-norm, or check the inputs")
+
     @torch.no_grad()
     def _teacher_logits(self, sc: dict, micro: torch.Tensor, r: int) -> torch.Tensor:
         """Each row's own teacher's logits [b, R, Vmax] for the analytic KL (padded with -inf)."""
         ro: Rollouts = sc["rollouts"]
-        idx = sc["teacher_index"][micro]
+        idx = sc["batch"].teacher_index[micro]
         outs, vmax = {}, 0
         for k in idx.unique().tolist():
             rows = micro[idx == k]
@@ -317,7 +292,8 @@ class OPDTrainer:
             batch = self.prompts(self.step, cfg.prompts_per_step, random.Random(_step_seed(cfg.seed, self.step)))
             metrics = self.train_step(batch)
             self.step += 1
-            if self.evaluate is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+            if self.evaluate is not None and (self.step == cfg.steps or
+                                              (cfg.eval_every and self.step % cfg.eval_every == 0)):
                 metrics.update({f"eval/{k}": v for k, v in self.evaluate(self.student).items()})
             self.history.append(metrics)
             log.write(metrics)
@@ -335,81 +311,3 @@ class OPDTrainer:
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-# ---------------------------------------------------------------------------- signals and losses
-
-
-def batch_signals(cfg: OPDConfig, sc: dict, num_teachers: int) -> tuple[dict, dict]:
-    """Batch-level signals over the WHOLE rollout batch: FiRe-OPD filter + weights, TIP selection.
-
-    Returns (signals, metrics). ``signals["loss_mask"]`` [B, T] is the set of
-    tokens that enter the loss (and its denominator).
-    """
-    from pyopd.losses import fire_opd_signals, tip_token_mask
-
-    ro: Rollouts = sc["rollouts"]
-    m = ro.mask
-    sig = {"keep": None, "weight": None, "selection": None, "loss_mask": m}
-    metrics: dict = {}
-    if cfg.loss in ("fire", "fire-rkl"):
-        multi = num_teachers > 1
-        fs = fire_opd_signals(
-            sc["teacher"].logprob, m, teacher_entropy=sc["teacher"].entropy,
-            student_entropy=sc["old"].entropy, p=cfg.percentile, alpha=cfg.alpha, beta=cfg.beta,
-            normalize=cfg.weight_norm, teacher_index=sc["teacher_index"] if multi else None,
-            num_teachers=num_teachers if multi else None)
-        sig.update(keep=fs.keep, weight=fs.weight, loss_mask=m & fs.keep[:, None])
-        metrics.update(fs.metrics)
-    elif cfg.loss == "copsd":
-        ga = pyopd.group_advantages(sc["teacher"].logprob, sc["old"].logprob, m, ro.group,
-                                    clip_low=cfg.reward_clip[0], clip_high=cfg.reward_clip[1],
-                                    bonus=cfg.reward_bonus)
-        sig["advantage"] = ga.advantage
-        w = m.sum(-1).double()
-        metrics["reward_mean"] = float((ga.reward_mean * w).sum() / w.sum().clamp(min=1))
-    elif cfg.loss == "tip":
-        div = (sc["teacher"].logprob - sc["old"].logprob).abs()
-        sel = tip_token_mask(sc["old"].entropy, div, m, rho=cfg.tip_rho)
-        sig.update(selection=sel, loss_mask=m & sel)
-    return sig, metrics
-
-
-def loss_denominator(cfg: OPDConfig, signals: dict, rows: torch.Tensor) -> float:
-    """The aggregation denominator of the rows of one optimizer step (shared by its micro-batches)."""
-    lm = signals["loss_mask"][rows]
-    n = lm.sum(-1)
-    d = n.sum() if cfg.agg == "token-mean" else (n > 0).sum()
-    return max(1.0, float(d))
-
-
-def micro_loss(cfg: OPDConfig, logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
-               response: torch.Tensor, mask: torch.Tensor, signals: dict, sc: dict,
-               rows: torch.Tensor, denominator: float) -> tuple[torch.Tensor, dict]:
-    """The loss of one micro-batch ``rows`` from the student's logits [b, R, V] (with grad)."""
-    from pyopd import losses
-
-    keep = None if signals["keep"] is None else signals["keep"][rows]
-    weight = None if signals["weight"] is None else signals["weight"][rows]
-    ppo = dict(clip_ratio=cfg.clip, dual_clip=cfg.dual_clip, agg=cfg.agg, denominator=denominator)
-    if cfg.loss in ("rkl", "fire-rkl"):
-        return losses.reverse_kl_loss_from_logits(
-            logits, teacher_logits, mask, tokens=response, weight=weight, keep=keep,
-            agg=cfg.agg, denominator=denominator)
-    logprob = pyopd.token_stats(logits, response, mask=mask).logprob
-    old = sc["old"].logprob[rows]
-    lq = sc["teacher"].logprob[rows]
-    if cfg.loss == "opd":
-        return losses.opd_loss(logprob, old, lq, mask, **ppo)
-    if cfg.loss == "fire":
-        return losses.fire_opd_loss(logprob, old, lq, mask, keep=keep, weight=weight, **ppo)
-    if cfg.loss == "exopd":
-        return losses.exopd_loss(logprob, old, lq, sc["reference"].logprob[rows], mask,
-                                 lam=cfg.exopd_lambda, **ppo)
-    if cfg.loss == "copsd":
-        ref = sc["reference"].logprob[rows] if sc["reference"] is not None else None
-        return losses.copsd_loss(logprob, old, None, mask, advantages=signals["advantage"][rows],
-                                 ref_logprob=ref, kl_coef=cfg.kl_coef, **ppo)
-    if cfg.loss == "tip":
-        return losses.tip_loss(logprob, old, lq, mask, selection=signals["selection"][rows], **ppo)
-    raise ValueError(f"unknown loss {cfg.loss!r}")
