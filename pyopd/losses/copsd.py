@@ -1,6 +1,6 @@
 """COPSD: distillation from a constitution-conditioned teacher with dense group advantages.
 
-DESIGN.md section 4. The teacher scores the student's rollout with the
+See docs/design.md (COPSD). The teacher scores the student's rollout with the
 constitution wrapped around the prompt (the caller builds that input); this
 module turns the per-token log-probs into the loss.
 

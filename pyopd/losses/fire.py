@@ -1,4 +1,4 @@
-"""FiRe-OPD: filter low-quality rollouts, then reweight tokens (DESIGN.md section 3).
+"""FiRe-OPD: filter low-quality rollouts, then reweight tokens (docs/design.md, FiRe-OPD).
 
 Micro-batching: the filter and the weight normalisers are batch-level. Compute
 them once on the whole rollout batch with `fire_opd_signals` (they are cheap
@@ -171,7 +171,7 @@ def fire_opd_loss(
     `alpha`, `beta`, `normalize`, `teacher_index`, as in `fire_opd_signals`).
     `teacher_logprob` may be [K, B, T] with `teacher_index`. With p = 0 and
     alpha = beta = 0 this is exactly `opd_loss`. PPO arguments as in
-    `ppo_policy_loss` (DESIGN default: clip 0.2, token-mean).
+    `ppo_policy_loss` (paper default: clip 0.2, token-mean).
 
     Metrics: the PPO ones, advantage_mean/min/max, reward_mean, num_tokens,
     weight_mean/min/max over the kept tokens, keep_ratio, and when the signals

@@ -9,7 +9,7 @@
 namespace pyopd {
 
 // Element type of an input or output buffer. Values are part of the binary
-// interface with pyopd/ops/_dispatch.py; never renumber.
+// interface with pyopd/ops/vocab.py (_DTYPE_TAG); never renumber.
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 // Storage types for the 16-bit formats: raw bits, converted by hand so the

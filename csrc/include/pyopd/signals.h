@@ -2,7 +2,7 @@
 //
 // One-pass reductions over [B, T] per-token tensors (B rollouts, T response
 // positions). Plain structs of pointers and sizes; the kernels know nothing of
-// torch or pybind11. See DESIGN.md sections 3 and 4 for the math and
+// torch or pybind11. See docs/design.md (FiRe-OPD, COPSD) for the math and
 // pyopd/ops/signals.py for the torch API built on these.
 //
 // Split of the work: the kernels do everything that touches [B, T] memory

@@ -2,7 +2,7 @@
 // (student vs teacher), forward and backward. Plain structs of pointers and
 // sizes; the kernels know nothing of torch or pybind11.
 //
-// Conventions (see DESIGN.md section 2):
+// Conventions (see docs/design.md, "The vocabulary pass"):
 //   x_j = s_j / T (student, j < V), y_j = t_j / T (teacher, j < Vt, Vt >= V)
 //   p = softmax(x), q = softmax(y)
 // Per row the kernels keep the running max m and Z = sum exp(x - m), so
