@@ -141,3 +141,57 @@ def test_cross_sft_teacher_is_keyed_by_its_recipe_and_written_atomically(prepare
     assert "reusing" in logs[-1]
     build("C:another rule\n{user_query}")  # another constitution: another teacher
     assert len(sorted(tmp_path.glob("teacher-cross-sft-*"))) == 2
+
+
+@pytest.mark.parametrize("loss", ["fire", "copsd", "opd"])
+def test_released_preset_through_the_objectives_equals_the_presets_module(loss):
+    """The trainer's micro-batch path with preset='released' gives the released code's
+    mini-batch loss (pyopd.presets.released), gradient included."""
+    from pyopd.objectives import ScoredBatch, Signals, make_objective, micro_partition, slice_rows
+    from pyopd.presets import released as R
+
+    g = torch.Generator().manual_seed(7)
+    B, T, V = 10, 6, 11
+    cfg = OPDConfig(loss=loss, preset="released", micro_batch=3, mini_batches=1, percentile=30.0,
+                    dual_clip=3.0 if loss == "copsd" else None)
+    logits = torch.randn(B, T, V, dtype=torch.float64, generator=g)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    lengths = torch.tensor([6, 3, 0, 5, 1, 6, 2, 4, 6, 3])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    old_lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+    rand = lambda: torch.rand(B, T, dtype=torch.float64, generator=g)  # noqa: E731
+    teacher = Scores(old_lp + rand() - 0.5, rand() * 2)
+    scored = ScoredBatch(tokens=tokens, mask=mask, group=torch.arange(B) // 2,
+                         old=Scores(old_lp, rand() * 2), teacher=teacher,
+                         teacher_index=torch.zeros(B, dtype=torch.long), num_teachers=1,
+                         reference=Scores(old_lp + 0.1 * rand(), rand()))
+    obj = make_objective(cfg)
+    sig: Signals = obj.signals(scored)
+    leaf = logits.clone().requires_grad_(True)
+    total = 0.0
+    for micros in micro_partition(B, cfg):
+        for rows, den in zip(micros, obj.denominators(sig, micros)):
+            mb = MicroBatch(rows=rows, logits=leaf[rows], tokens=tokens[rows], mask=mask[rows],
+                            loss_mask=sig.loss_mask[rows], old=slice_rows(scored.old, rows),
+                            teacher=slice_rows(scored.teacher, rows),
+                            reference=slice_rows(scored.reference, rows),
+                            signals={k: v[rows] for k, v in sig.rows.items()}, denominator=den, temperature=1.0)
+            total = total + obj.loss(mb)[0]
+    (g_ours,) = torch.autograd.grad(total, leaf)
+
+    leaf2 = logits.clone().requires_grad_(True)
+    lp = torch.log_softmax(leaf2, -1).gather(-1, tokens[..., None])[..., 0]
+    if loss == "fire":
+        rs = R.fire_signals_released(teacher.logprob, mask, teacher_entropy=teacher.entropy,
+                                     student_entropy=scored.old.entropy, micro_batch=3, p=30.0)
+        want, _ = R.fire_opd_loss_released(lp, old_lp, teacher.logprob, mask, keep=rs.keep, weight=rs.weight,
+                                           micro_batch=3)
+    elif loss == "opd":
+        want, _ = R.opd_loss_released(lp, old_lp, teacher.logprob, mask, micro_batch=3)
+    else:
+        ga = R.group_advantages_released(teacher.logprob, old_lp, mask, scored.group)
+        want, _ = R.copsd_loss_released(lp, old_lp, mask, advantages=ga.advantage, micro_batch=3,
+                                        ref_logprob=scored.reference.logprob)
+    (g_want,) = torch.autograd.grad(want, leaf2)
+    torch.testing.assert_close(total.detach(), want.detach(), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(g_ours, g_want, atol=1e-9, rtol=1e-7)

@@ -151,12 +151,10 @@ def copsd_signals(
     if not (isinstance(reward_clip, (tuple, list)) and len(reward_clip) == 2):
         raise ValueError(f"reward_clip must be a (low, high) pair, got {reward_clip!r}")
     if preset == "released":
-        from pyopd.presets.released import copsd_advantages_released
-
-        return copsd_advantages_released(teacher_logprob, old_logprob, m, group_index,
-                                         reward_clip=tuple(reward_clip), reward_bonus=reward_bonus,
-                                         adv_eps=adv_eps)
-    ga = group_advantages(
+        from pyopd.presets.released import group_advantages_released as group_advantages_fn
+    else:
+        group_advantages_fn = group_advantages
+    ga = group_advantages_fn(
         teacher_logprob, old_logprob.detach(), m, group_index, clip_low=reward_clip[0],
         clip_high=reward_clip[1], bonus=reward_bonus, eps=adv_eps, process_group=process_group, sync=sync,
     )
@@ -164,4 +162,7 @@ def copsd_signals(
     w = m.sum(-1).to(torch.float64)
     metrics = {"reward_mean": (ga.reward_mean * w).sum() / w.sum().clamp(min=1),
                "group_std_mean": masked_mean(ga.group_std, nonempty)}
-    return ga.advantage.to(old_logprob.dtype), to_floats(metrics)
+    # The released advantage is NaN on rollouts of a group with no valid token; those
+    # positions never enter the loss, and a 0 keeps NaN out of the gradient.
+    adv = torch.where(m, ga.advantage, torch.zeros((), dtype=ga.advantage.dtype, device=m.device))
+    return adv.to(old_logprob.dtype), to_floats(metrics)

@@ -45,8 +45,8 @@ class FireSignals(NamedTuple):
 
     keep: torch.Tensor  # [B] bool
     weight: torch.Tensor  # [B, T] detached; 0 on dropped rollouts and masked positions
-    scores: TrajectoryScores
-    weights: FireWeights
+    scores: Optional[TrajectoryScores]  # None with preset="released"
+    weights: Optional[FireWeights]
     # plain floats: keep_ratio, num_kept, filter_threshold (per teacher: filter_threshold_k),
     # score_mean, response_length_mean, teacher/student_entropy_mean, kl_mean (when kl
     # was given), weight_mean/min/max over kept tokens
@@ -89,6 +89,7 @@ def fire_opd_signals(
     teacher_index: Optional[torch.Tensor] = None,
     num_teachers: Optional[int] = None,
     preset: str = "paper",
+    micro_batch=None,
     process_group=None,
     sync: Optional[bool] = None,
 ) -> FireSignals:
@@ -105,15 +106,22 @@ def fire_opd_signals(
         process_group, sync: see `pyopd.trajectory_scores`.
         preset: "paper" (default) or "released": reproduce the authors' released
             code (its filter count, tie and empty-rollout handling, the token set of
-            the entropy maxima and weight mean; see docs/presets.md).
+            the entropy maxima and weight mean; see docs/presets.md). The released
+            code takes them per micro-batch: pass `micro_batch` (rows per
+            micro-batch, or a [B] micro-batch id per row); `normalize` and
+            `process_group` do not apply, and `scores`/`weights` are None.
     """
     check_preset(preset)
     if preset == "released":
         from pyopd.presets.released import fire_signals_released
 
-        return fire_signals_released(teacher_logprob, mask, teacher_entropy=teacher_entropy,
-                                     student_entropy=student_entropy, kl=kl, p=p, alpha=alpha, beta=beta,
-                                     teacher_index=teacher_index, num_teachers=num_teachers)
+        if micro_batch is None:
+            raise ValueError("preset 'released' takes the FiRe signals per micro-batch: pass micro_batch")
+        rs = fire_signals_released(teacher_logprob, mask, teacher_entropy=teacher_entropy,
+                                   student_entropy=student_entropy, micro_batch=micro_batch, p=p,
+                                   alpha=alpha, beta=beta, teacher_index=teacher_index,
+                                   num_teachers=num_teachers)
+        return FireSignals(keep=rs.keep, weight=rs.weight, scores=None, weights=None, metrics=rs.metrics)
     check_2d("student_entropy", student_entropy)
     B = student_entropy.shape[0]
     lq = select_teacher("teacher_logprob", teacher_logprob, teacher_index, B)

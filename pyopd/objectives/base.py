@@ -134,21 +134,47 @@ class Objective:
                     denominator=micro.denominator)
 
 
-def shared_denominators(cfg, loss_mask: torch.Tensor, micro_rows: Sequence[torch.Tensor]) -> list[float]:
-    """One denominator for every micro-batch of an optimizer step, as if it were one batch.
+def micro_partition(num_rows: int, cfg) -> list[list[torch.Tensor]]:
+    """The rows of each micro-batch of each optimizer step, as the trainer runs them.
 
-    ``preset='released'`` follows the released code instead: each micro-batch is
-    aggregated on its own (token mean within the micro-batch) and the
-    micro-batch losses are averaged, i.e. micro-batch k's denominator is
-    (its own count) x (number of micro-batches).
+    ``cfg.mini_batches`` consecutive chunks of the rollout batch, each split into
+    micro-batches of ``cfg.micro_batch`` rows. The released preset needs this
+    partition when it computes its (per micro-batch) signals.
     """
+    return [list(mini.split(cfg.micro_batch)) for mini in torch.arange(num_rows).chunk(cfg.mini_batches)]
+
+
+def micro_ids(num_rows: int, cfg) -> torch.Tensor:
+    """[B] the index of each row's micro-batch in `micro_partition` (counted over all steps)."""
+    ids = torch.empty(num_rows, dtype=torch.long)
+    k = 0
+    for mini in micro_partition(num_rows, cfg):
+        for rows in mini:
+            ids[rows] = k
+            k += 1
+    return ids
+
+
+def shared_denominators(cfg, loss_mask: torch.Tensor, micro_rows: Sequence[torch.Tensor]) -> list[float]:
+    """Each micro-batch's denominator for one optimizer step over ``micro_rows``.
+
+    ``preset='paper'``: one denominator for all, as if the step were one batch,
+    so micro-batching never changes the result. ``preset='released'``: the
+    released code's verl aggregation, a token mean per micro-batch weighted by
+    its share of the step's rows (`pyopd.presets.released_denominator`).
+    """
+    if getattr(cfg, "preset", "paper") == "released":
+        from pyopd.presets.released import released_denominator
+
+        if cfg.agg != "token-mean":
+            raise ValueError("preset 'released' aggregates with token-mean only (agg='token-mean')")
+        rows = sum(int(r.numel()) for r in micro_rows)
+        return [released_denominator(loss_mask[r], rows) for r in micro_rows]
+
     def count(rows: torch.Tensor) -> float:
         n = loss_mask[rows].sum(-1)
         return float(n.sum() if cfg.agg == "token-mean" else (n > 0).sum())
 
-    if getattr(cfg, "preset", "paper") == "released":
-        k = len(micro_rows)
-        return [max(1.0, count(r)) * k for r in micro_rows]
     every = torch.cat(list(micro_rows)) if len(micro_rows) else torch.zeros(0, dtype=torch.long)
     d = max(1.0, count(every))
     return [d] * len(micro_rows)

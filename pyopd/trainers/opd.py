@@ -35,7 +35,15 @@ import numpy as np
 import torch
 
 from pyopd.config import OPDConfig
-from pyopd.objectives import MicroBatch, ScoredBatch, Scores, make_objective, objective_names, slice_rows
+from pyopd.objectives import (
+    MicroBatch,
+    ScoredBatch,
+    Scores,
+    make_objective,
+    micro_partition,
+    objective_names,
+    slice_rows,
+)
 from pyopd.trainers import checkpoint as ckpt_io
 from pyopd.trainers.records import JsonlLog
 from pyopd.trainers.rollout import Rollouts, layout, response_logits, sample_rollouts, score
@@ -196,9 +204,8 @@ class OPDTrainer:
         r = ro.response.shape[1]
         pad = self.tok.pad_token_id
         micro_metrics: dict = {}
-        for mini in torch.arange(ro.size).chunk(cfg.mini_batches):
+        for micros in micro_partition(ro.size, cfg):
             self.opt.zero_grad(set_to_none=True)
-            micros = list(mini.split(cfg.micro_batch))
             for micro, denom in zip(micros, obj.denominators(signals, micros)):
                 inputs = layout([ro.prompt_ids[i] for i in micro.tolist()], ro.response[micro],
                                 ro.mask[micro], pad)
