@@ -147,7 +147,7 @@ def run_copsd_demo(cfg: OPDConfig, scale: str = "safety", out: Path = Path("runs
     for name, teacher in (("OPSD", prepared.load_student()), ("COPSD", cross)):
         torch.manual_seed(base.seed)
         cfg = replace(base, out_dir=str(out / name.lower()))
-        trainer = OPDTrainer(cfg, prepared.load_student(), {"teacher": teacher}, tok, prompts,
+        trainer = OPDTrainer(cfg, prepared.load_student(), {"teacher": teacher}, tok, prompts, label=name,
                              evaluate=evaluate, reference=initial, log=log, progress=progress,
                              rollout_metrics=safety_rollout_metrics)
         hist = trainer.train(resume=resume, initial_eval=results["initial"])

@@ -9,6 +9,7 @@ with the task's verifier, prints a table and writes a plot.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import replace
@@ -38,6 +39,19 @@ def default_max_new_tokens() -> int:
     return max(len(tok(e.answer)["input_ids"]) for e in eval_examples()[1]) + 4
 
 
+def _mean_se(xs) -> float:
+    """Standard error of the mean of ``xs`` (sample std / sqrt(n))."""
+    n = len(xs)
+    if n < 2:
+        return float("nan")
+    m = sum(xs) / n
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+
+
+def _binomial_se(ok) -> float:
+    return _mean_se([float(bool(x)) for x in ok])
+
+
 def make_evaluator(task, tokenizer, examples, max_new_tokens: int, k: int = 4, n_sampled: int = 64):
     """Greedy accuracy (overall and per family), plus avg@k and pass@k of k samples (T=1)
     on the first ``n_sampled`` prompts. Sampling uses its own seed and leaves the global RNG
@@ -50,7 +64,7 @@ def make_evaluator(task, tokenizer, examples, max_new_tokens: int, k: int = 4, n
     def evaluate(model) -> dict:
         completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
         ok = task.score(examples, completions)
-        res = {"accuracy": sum(ok) / len(ok)}
+        res = {"accuracy": sum(ok) / len(ok), "accuracy_se": _binomial_se(ok)}
         for fam in sorted({e.family for e in examples}):
             idx = [i for i, e in enumerate(examples) if e.family == fam]
             res[f"accuracy_{fam}"] = sum(ok[i] for i in idx) / len(idx)
@@ -63,7 +77,9 @@ def make_evaluator(task, tokenizer, examples, max_new_tokens: int, k: int = 4, n
             hits = task.score([e for e in sub for _ in range(k)], samples)
             per = [hits[i * k:(i + 1) * k] for i in range(len(sub))]
             res[f"avg@{k}"] = sum(map(sum, per)) / (k * len(sub))
+            res[f"avg@{k}_se"] = _mean_se([sum(h) / k for h in per])  # prompts are the unit
             res[f"pass@{k}"] = sum(any(h) for h in per) / len(sub)
+            res[f"pass@{k}_se"] = _binomial_se([any(h) for h in per])
         return res
 
     return evaluate
@@ -106,7 +122,7 @@ def run_demo(cfg: OPDConfig, losses=("opd", "fire"), scale: str = "demo", out: P
     log(f"[pyopd] demo: {scale} models ({'multi-teacher ' + '+'.join(teacher_names) if multi_teacher else 'teacher mixed'}), "
         f"{base.steps} steps x {base.prompts_per_step} prompts x {base.n} samples, seed {base.seed}")
 
-    teacher_eval = {n: evaluate(t)["accuracy"] for n, t in teachers.items()}  # greedy
+    teacher_eval = {n: evaluate(t) for n, t in teachers.items()}
     start_eval = evaluate(prepared.load_student())  # every objective starts from this student
     runs, results = {}, {}
     for loss in losses:
@@ -116,7 +132,7 @@ def run_demo(cfg: OPDConfig, losses=("opd", "fire"), scale: str = "demo", out: P
         source = make_prompt_source(task, teacher_for, exclude=[e.prompt for e in examples])
         reference = prepared.load_student() if get_objective(loss).needs_reference else None
         trainer = OPDTrainer(cfg, student, teachers, tok, source, reference=reference,
-                             evaluate=evaluate, log=log, progress=progress)
+                             evaluate=evaluate, log=log, progress=progress, label=NAMES.get(loss, loss))
         t0 = time.time()
         hist = trainer.train(resume=resume, initial_eval=start_eval)
         wall = time.time() - t0
@@ -130,11 +146,18 @@ def run_demo(cfg: OPDConfig, losses=("opd", "fire"), scale: str = "demo", out: P
             "after_by_family": {k[len("eval/accuracy_"):]: v for k, v in hist[-1].items()
                                 if k.startswith("eval/accuracy_")},
             "keep_ratio": sum(h.get("keep_ratio", 1.0) for h in steps) / max(1, len(steps)),
-            "tokens_per_s": sum(h["tokens_per_s"] for h in steps) / max(1, len(steps)),
+            # total tokens over total step time (a mean of per-step rates swings with load)
+            "tokens_per_s": sum(h["tokens"] for h in steps) / max(1e-9, sum(h["step_s"] for h in steps)),
             "wall_s": wall,
+            "final_eval": {k[len("eval/"):]: v for k, v in hist[-1].items() if k.startswith("eval/")},
         }
+    rows = {"student (start)": _row(start_eval)}
+    rows.update({f"teacher {n}": _row(ev) for n, ev in teacher_eval.items()})
+    rows.update({NAMES.get(loss, loss): _row(r["final_eval"], keep_ratio=r["keep_ratio"],
+                                             tokens_per_s=r["tokens_per_s"]) for loss, r in results.items()})
     summary = {"scale": scale, "seed": base.seed, "multi_teacher": multi_teacher,
-               "teacher_accuracy": teacher_eval, "prepare_s": t_prep,
+               "teacher_accuracy": {n: ev["accuracy"] for n, ev in teacher_eval.items()},
+               "headline": "avg@4", "rows": rows, "prepare_s": t_prep,
                "total_s": time.time() - t_start, "results": results, "config": vars(base)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -149,20 +172,30 @@ def run_demo(cfg: OPDConfig, losses=("opd", "fire"), scale: str = "demo", out: P
     return summary
 
 
+NAMES = {"opd": "OPD", "fire": "FiRe-OPD", "rkl": "full-vocab RKL", "fire-rkl": "FiRe + full RKL",
+         "tip": "TIP", "exopd": "ExOPD"}
+
+
+def _row(ev: dict, **extra) -> dict:
+    """One model row of summary.json: the headline (avg@4 of T=1 samples) and greedy accuracy, with SEs."""
+    return {"headline": ev.get("avg@4"), "headline_se": ev.get("avg@4_se"),
+            "greedy": ev.get("accuracy"), "greedy_se": ev.get("accuracy_se"),
+            "pass@4": ev.get("pass@4"), "pass@4_se": ev.get("pass@4_se"), **extra}
+
+
 def format_table(summary: dict) -> str:
-    res = summary["results"]
-    first = next(iter(res.values()))
-    rows = [("student (start)", first["before"], None, None)]  # every run starts from it
-    names = {"opd": "after OPD", "fire": "after FiRe-OPD", "rkl": "after full-vocab RKL",
-             "fire-rkl": "after FiRe + full RKL", "tip": "after TIP"}
-    for loss, r in res.items():
-        rows.append((names.get(loss, f"after {loss}"), r["after"], r["keep_ratio"], r["tokens_per_s"]))
-    teach = ", ".join(f"{k} {v:.3f}" for k, v in summary["teacher_accuracy"].items())
-    lines = [f"teacher accuracy: {teach}",
-             f"{'model':<24} {'accuracy':>9} {'keep ratio':>11} {'tokens/s':>9}"]
-    for name, acc, keep, tps in rows:
-        lines.append(f"{name:<24} {acc:>9.3f} "
-                     f"{'-' if keep is None else f'{keep:.2f}':>11} {'-' if tps is None else f'{tps:.0f}':>9}")
+    """The end-of-run table: every metric with its standard error, the teacher(s) included."""
+    def cell(v, se):
+        return f"{'-':>15}" if v is None else f"{v:>7.3f} ± {se:.3f}"
+
+    lines = [f"{'model':<22} {'avg@4 (T=1)':>15} {'greedy acc.':>15} {'pass@4':>15} "
+             f"{'keep ratio':>10} {'tokens/s':>9}"]
+    for name, r in summary["rows"].items():
+        keep, tps = r.get("keep_ratio"), r.get("tokens_per_s")
+        lines.append(f"{name:<22} {cell(r['headline'], r['headline_se'])} {cell(r['greedy'], r['greedy_se'])} "
+                     f"{cell(r['pass@4'], r['pass@4_se'])} {'-' if keep is None else f'{keep:.2f}':>10} "
+                     f"{'-' if tps is None else f'{tps:.0f}':>9}")
+    n = EVAL_N
+    lines.append(f"(± one standard error; greedy over {n} held-out prompts, avg@4/pass@4 over 64 of them x 4 "
+                 f"samples at T=1; tokens/s = trained response tokens / step time)")
     return "\n".join(lines)
-
-

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
+from pyopd._hf import no_progress_bars
 
 from pyopd.tasks.models import ModelSpec, build_model, num_params, padded_vocab
 from pyopd.tasks.recipe import evaluate, train_sft
@@ -167,7 +167,7 @@ class Prepared:
         path = self.student_dir if name == "student" else self.teacher_dirs.get(name)
         if path is None:
             raise KeyError(f"unknown model {name!r}; have 'student' and teachers {sorted(self.teacher_dirs)}")
-        with _no_progress_bars():
+        with no_progress_bars():
             return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
     def load_student(self, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -254,7 +254,7 @@ def _build(out: Path, scale: str, seed: int, key: str, say: Log) -> None:
         say(f"[pyopd.tasks]   {recipe.name}: greedy accuracy "
             + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + f" ({train_s:.1f}s)")
         model_dir = out / _model_dirname(recipe.name)
-        with _no_progress_bars():
+        with no_progress_bars():
             model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     files = {str(p.relative_to(out).as_posix()): _file_info(p) for p in sorted(out.rglob("*")) if p.is_file()}
@@ -359,18 +359,6 @@ def _prepared(path: Path, scale: str, seed: int, built: bool) -> Prepared:
 
 
 # ---------------------------------------------------------------- filesystem helpers
-
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Silence transformers' per-file progress bars (restored afterwards)."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 
+from pyopd._hf import no_progress_bars
 from pyopd.config import OPDConfig
 from pyopd.objectives import (
     MicroBatch,
@@ -85,8 +86,9 @@ class OPDTrainer:
     def __init__(self, cfg: OPDConfig, student, teachers: Mapping[str, torch.nn.Module], tokenizer,
                  prompts: PromptSource, evaluate: Optional[Evaluator] = None,
                  reference=None, log: Callable[[str], None] = print, progress: bool = True,
-                 rollout_metrics: Optional[RolloutMetrics] = None) -> None:
+                 rollout_metrics: Optional[RolloutMetrics] = None, label: Optional[str] = None) -> None:
         cfg.validate()
+        self.label = label or cfg.loss  # names the progress bar (e.g. "OPSD" vs "COPSD")
         if not teachers:
             raise ValueError("teachers must name at least one teacher model")
         v = student.get_output_embeddings().weight.shape[0]
@@ -292,8 +294,11 @@ class OPDTrainer:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.loss}", leave=False,
-                       dynamic_ncols=True)
+            # leave=True: the finished bar stays on screen with its final figures.
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.label:<10}", leave=True,
+                       dynamic_ncols=True, unit="step")
+        shown: dict = {}
+        tokens, seconds = 0, 0.0
         while self.step < cfg.steps:
             seed_everything(_step_seed(cfg.seed, self.step))
             batch = self.prompts(self.step, cfg.prompts_per_step, random.Random(_step_seed(cfg.seed, self.step)))
@@ -304,13 +309,17 @@ class OPDTrainer:
                 metrics.update({f"eval/{k}": v for k, v in self.evaluate(self.student).items()})
             self.history.append(metrics)
             log.write(metrics)
+            tokens, seconds = tokens + metrics["tokens"], seconds + metrics["step_s"]
             if bar is not None:
+                shown.update({k.removeprefix("eval/"): f"{metrics[k]:.3g}" for k in
+                              ("loss", "keep_ratio", "eval/accuracy", "eval/avg@4", "eval/safe_rate",
+                               "eval/helpfulness") if k in metrics})
+                shown["tok/s"] = f"{tokens / max(seconds, 1e-9):.0f}"  # total tokens / total time
+                bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
-                                 ("loss", "keep_ratio", "teacher_logprob", "eval/accuracy")
-                                 if k in metrics})
             if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
-                self.save()
+                with no_progress_bars():
+                    self.save()
         if bar is not None:
             bar.close()
         return self.history
