@@ -361,7 +361,12 @@ def test_k3_released_clamps_and_cuts_the_gradient():
 
 def test_paper_preset_differs_from_official():
     """Same batch, same p / alpha / beta: how far pyopd's default functions are from the official code."""
-    b = make_batch(21, B=24, T=12)
+    for seed in (21, 22, 23):
+        _paper_vs_official(seed)
+
+
+def _paper_vs_official(seed: int) -> None:
+    b = make_batch(seed, B=24, T=12)
     lq, ht, hs, mask = b["lq"][0], b["ht"][0], b["hs"], b["mask"]
     diffs = {}
     for micro in (1, 8, 24):
@@ -382,9 +387,10 @@ def test_paper_preset_differs_from_official():
     assert diffs[(1, "batch")][0] == 5
     # one micro-batch of the whole batch: official drops ceil(0.2*23)=5 (empty row counted, kept), paper 4
     assert diffs[(24, "batch")][0] >= 1
+    # |loss difference| 4.4e-3 .. 2.6e-1 over these three seeds (docs/presets.md)
     assert all(d[1] > 1e-3 for d in diffs.values()), diffs
     # COPSD: population std vs Bessel, and the clamp of k3
-    c, groups, cmask, teacher, ref_lp = copsd_batch(0)
+    c, groups, cmask, teacher, ref_lp = copsd_batch(seed % 3)
     paper = group_advantages(teacher, c["rollout"], cmask, groups).advantage
     rel = group_advantages_released(teacher, c["rollout"], cmask, groups).advantage
     both = ~rel.isnan()
