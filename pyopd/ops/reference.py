@@ -7,32 +7,13 @@ differentiable with ordinary autograd.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
+from pyopd.ops.types import ReverseKL, TokenStats  # re-exported: their historical home
 
-class TokenStats(NamedTuple):
-    """Per-token statistics of one model's distribution p = softmax(logits / T).
-
-    Every field is shaped like the leading dims of the logits ([N] or [B, T]).
-    """
-
-    logprob: torch.Tensor  # log p(y); 0 where tokens is None or the row is masked
-    entropy: torch.Tensor  # H(p) = -sum_j p_j log p_j
-    lse: torch.Tensor  # logsumexp(logits / T)
-
-
-class ReverseKL(NamedTuple):
-    """Per-token signals of student p = softmax(s / T) vs teacher q = softmax(t / T)."""
-
-    kl: torch.Tensor  # KL(p || q) = sum_j p_j (log p_j - log q_j)
-    student_entropy: torch.Tensor
-    teacher_entropy: torch.Tensor
-    student_logprob: torch.Tensor  # log p(y)
-    teacher_logprob: torch.Tensor  # log q(y)
-    student_lse: torch.Tensor
-    teacher_lse: torch.Tensor
+__all__ = ["ReverseKL", "TokenStats", "reverse_kl_ref", "token_stats_ref"]
 
 
 def _where_p(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,15 @@ ranks of the group must make it, in the same order.
 
 Masked positions (mask == 0) are never read into a result (NaN there is
 ignored) and come out as 0; a NaN at a valid position propagates.
+
+Each op is one `torch.library.custom_op` (pyopd::trajectory_scores,
+pyopd::trajectory_filter, pyopd::fire_token_weights, pyopd::group_advantages)
+that takes plain tensors and scalars, fills the kernels' parameter structs
+inside its implementation and has a fake (meta) implementation, so the ops
+trace with torch.compile(fullgraph=True), static or dynamic shapes. Checks on
+the data (e.g. teacher_index < num_teachers) run inside the op, on the
+concrete values, also under torch.compile. The cross-rank path is eager only:
+under torch.compile with more than one rank it raises (pass sync=False there).
 """
 from __future__ import annotations
 
@@ -26,14 +35,16 @@ from typing import Optional
 
 import torch
 
-from pyopd import _C
-from pyopd.ops.signals_reference import (
+from pyopd import _C, _checks
+from pyopd.ops import distributed as _dist
+from pyopd.ops.types import (
     FireWeights,
     GroupAdvantages,
     TrajectoryFilter,
     TrajectoryScores,
     num_to_drop,
 )
+
 
 __all__ = [
     "FireWeights",
@@ -46,95 +57,63 @@ __all__ = [
     "trajectory_scores",
 ]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_NUM_TEACHERS_MAX = 2**31 - 1  # K sizes [K] outputs; a larger K is a mistake, not a batch
+
+# ---- argument checks (shapes, dtypes, scalars: traceable; data checks run inside the ops) --
 
 
-# ---- argument checks ----------------------------------------------------------------
-
-
-def _check_tensor(name: str, x, *, like: Optional[torch.Tensor] = None, like_name: str = "") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
-    if like is None:
-        if x.dim() != 2:
-            raise ValueError(f"{name} must have shape (batch, seqlen), got {tuple(x.shape)}")
-        return
-    if x.shape != like.shape:
-        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(x.shape)}")
-    if x.device != like.device:
-        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
-
-
-def _check_mask(mask, like: torch.Tensor, like_name: str) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.shape != like.shape:
-        raise ValueError(f"mask must have the shape of {like_name} {tuple(like.shape)}, got {tuple(mask.shape)}")
-    if mask.device != like.device:
-        raise ValueError(f"mask is on {mask.device} but {like_name} is on {like.device}")
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool, integer or floating (nonzero = valid), got {mask.dtype}")
-
-
-def _check_rows(name: str, x, B: int, device: torch.device, *, dtype_kind: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if dtype_kind == "int" and x.dtype not in _INTS:
-        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
-    if dtype_kind == "bool" and x.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
-    if x.dim() != 1 or x.shape[0] != B:
-        raise ValueError(f"{name} must have shape ({B},) (one entry per rollout), got {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but the per-token tensors are on {device}")
-
-
-def _check_finite(name: str, v, *, lo: Optional[float] = None, lo_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
-    return v
-
-
-def _check_p(p) -> float:
-    p = _check_finite("p", p)
-    if not 0.0 <= p <= 100.0:
-        raise ValueError(f"p must be a percentage in [0, 100], got {p}")
-    return p
-
-
-def _teachers(teacher_index, num_teachers, B: int, device, group) -> tuple[torch.Tensor, int]:
-    """Validated teacher index [B] int64 and the teacher count K (agreed across ranks)."""
+def _check_teacher_args(teacher_index, num_teachers, B: int, device: torch.device) -> None:
     if teacher_index is None:
-        if num_teachers not in (None, 1):
+        if num_teachers is not None and num_teachers != 1:
             raise ValueError("num_teachers needs teacher_index")
+    else:
+        _checks.per_row("teacher_index", teacher_index, B, device, kind="int")
+    if num_teachers is not None:
+        _checks.integer("num_teachers", num_teachers, lo=1, hi=_NUM_TEACHERS_MAX)
+
+
+def _teachers(teacher_index: Optional[torch.Tensor], num_teachers: Optional[int], B: int, device,
+              group) -> tuple[torch.Tensor, int]:
+    """Validated teacher index [B] int64 and the teacher count K (agreed across ranks).
+
+    Runs on concrete tensors (inside the custom ops, or the eager cross-rank path).
+    """
+    if num_teachers is not None:  # again on the concrete value (traced under torch.compile)
+        num_teachers = _checks.integer("num_teachers", num_teachers, lo=1, hi=_NUM_TEACHERS_MAX)
+    if teacher_index is None:
         return torch.zeros(B, dtype=torch.int64, device=device), 1
-    _check_rows("teacher_index", teacher_index, B, device, dtype_kind="int")
     t = teacher_index.to(torch.int64)
     lo = int(t.min()) if B else 0
     hi = int(t.max()) if B else -1
     if lo < 0:
         raise ValueError(f"teacher_index must be >= 0, got {lo}")
     if num_teachers is not None:
-        if isinstance(num_teachers, bool) or not isinstance(num_teachers, int) or num_teachers < 1:
-            raise ValueError(f"num_teachers must be a positive int, got {num_teachers!r}")
         if hi >= num_teachers:
             raise ValueError(f"teacher_index must be < num_teachers={num_teachers}, got {hi}")
         return t, num_teachers
     K = hi + 1
+    if K > _NUM_TEACHERS_MAX:
+        raise ValueError(f"teacher_index must be < {_NUM_TEACHERS_MAX + 1} (teacher ids count "
+                         f"the teachers), got {hi}")
     if group is not None:  # every rank must agree on K
         k = torch.tensor([K], dtype=torch.int64, device=device)
-        K = int(_all_gather_rows(k, group)[0].max())
+        K = int(_dist.all_gather_rows(k, group)[0].max())
     return t, max(K, 1)
+
+
+def _num_teachers_fake(teacher_index: Optional[torch.Tensor], num_teachers: Optional[int]):
+    """K in a fake implementation: known, or an unbacked size (it depends on teacher_index's values)."""
+    if teacher_index is None:
+        return 1
+    if num_teachers is not None:
+        return num_teachers
+    return torch.library.get_ctx().new_dynamic_size(min=1)
+
+
+def _detach(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # The signal ops are not differentiable; detaching keeps autograd away from
+    # the custom ops (which register no backward).
+    return None if x is None else x.detach()
 
 
 # ---- kernel plumbing ----------------------------------------------------------------
@@ -186,52 +165,6 @@ def _launch(fn, params, device: torch.device) -> None:
         raise ValueError(f"pyopd signals run on CPU or CUDA tensors, got device {device}")
 
 
-# ---- torch.distributed --------------------------------------------------------------
-
-
-def _sync_group(process_group, sync: Optional[bool]):
-    """The group to reduce over, or None for this process alone.
-
-    sync=None: all ranks of `process_group` (default: the world) when
-    torch.distributed is initialised with more than one rank; sync=False: never;
-    sync=True: required (an error without torch.distributed).
-    """
-    if sync is False:
-        return None
-    import torch.distributed as dist
-
-    ready = dist.is_available() and dist.is_initialized()
-    if not ready:
-        if sync:
-            raise RuntimeError("sync=True needs torch.distributed to be initialised")
-        return None
-    group = process_group if process_group is not None else dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
-
-
-def _all_gather_rows(x: torch.Tensor, group, *, with_offset: bool = False):
-    """Concatenation over the ranks of `group`, in rank order, of tensors whose first dims may differ.
-
-    With `with_offset`, also returns the index of this rank's first row in it.
-    """
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    sizes = [torch.empty_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    sizes_l = [int(s) for s in torch.cat(sizes).tolist()]
-    rows = max(sizes_l)
-    padded = x.new_zeros((rows,) + tuple(x.shape[1:]))
-    padded[: x.shape[0]] = x
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded.contiguous(), group=group)
-    cat = torch.cat([o[:s] for o, s in zip(out, sizes_l)])
-    if with_offset:
-        return cat, sum(sizes_l[: dist.get_rank(group)])
-    return cat
-
-
 # ---- trajectory_scores --------------------------------------------------------------
 
 
@@ -251,6 +184,97 @@ def _filter_threshold(score: torch.Tensor, nonempty: torch.Tensor, teacher: torc
     kth = score[order][(start + k).clamp(max=score.numel() - 1)]  # the (k+1)-th smallest
     thr = torch.where(k == 0, -inf, torch.where(k >= n, inf, kth))
     return thr, n, k
+
+
+def _filter(score: torch.Tensor, nonempty: torch.Tensor, teacher: torch.Tensor, K: int, p: float, group):
+    s64 = score.to(torch.float64)
+    if group is None:
+        thr, n, k = _filter_threshold(s64, nonempty, teacher, K, p)
+    else:
+        # One float64 message per rollout: score, non-empty flag, teacher (exact below 2^53).
+        rows = torch.stack([s64, nonempty.to(torch.float64), teacher.to(torch.float64)], dim=1)
+        g = _dist.all_gather_rows(rows, group)
+        thr, n, k = _filter_threshold(g[:, 0], g[:, 1] > 0, g[:, 2].to(torch.int64), K, p)
+    keep = nonempty & ((k[teacher] == 0) | (s64 >= thr[teacher]))
+    return TrajectoryFilter(keep=keep, threshold=thr, num_scored=n, num_dropped=k)
+
+
+def _trajectory_scores_impl(teacher_logprob, mask, kl, teacher_entropy, student_entropy,
+                            teacher_index, num_teachers, p, group) -> TrajectoryScores:
+    p = _checks.percentage("p", p)  # again on the concrete value (traced under torch.compile)
+    B, T = teacher_logprob.shape
+    dev = teacher_logprob.device
+    teacher, K = _teachers(teacher_index, num_teachers, B, dev, group)
+
+    dtype = _compute_dtype(teacher_logprob, kl, teacher_entropy, student_entropy)
+    prm = _C.TrajectoryStatsParams()
+    prm.rows, prm.cols, prm.dtype = B, T, _dtype_tag(dtype)
+    m, prm.mask_row_stride = _mask_rows(mask)
+    prm.mask = _ptr(m)
+    inputs = {}
+    for name, x in (
+        ("teacher_logprob", teacher_logprob),
+        ("kl", kl),
+        ("teacher_entropy", teacher_entropy),
+        ("student_entropy", student_entropy),
+    ):
+        if x is not None:
+            inputs[name], stride = _rows(x, dtype)
+            setattr(prm, name, inputs[name].data_ptr())
+            setattr(prm, f"{name}_row_stride", stride)
+    length = torch.zeros(B, dtype=torch.int64, device=dev)
+    out = {k: torch.zeros(B, dtype=dtype, device=dev) for k in ("score", "mean_kl", "mean_teacher_entropy", "mean_student_entropy")}
+    prm.length = length.data_ptr()
+    prm.score = out["score"].data_ptr()
+    if kl is not None:
+        prm.mean_kl = out["mean_kl"].data_ptr()
+    if teacher_entropy is not None:
+        prm.mean_teacher_entropy = out["mean_teacher_entropy"].data_ptr()
+    if student_entropy is not None:
+        prm.mean_student_entropy = out["mean_student_entropy"].data_ptr()
+    _launch(_C.trajectory_stats, prm, dev)
+
+    f = _filter(out["score"], length > 0, teacher, K, p, group)
+    return TrajectoryScores(
+        score=out["score"],
+        keep=f.keep,
+        threshold=f.threshold,
+        length=length,
+        mean_kl=out["mean_kl"],
+        mean_teacher_entropy=out["mean_teacher_entropy"],
+        mean_student_entropy=out["mean_student_entropy"],
+        num_scored=f.num_scored,
+        num_dropped=f.num_dropped,
+    )
+
+
+@torch.library.custom_op("pyopd::trajectory_scores", mutates_args=())
+def _trajectory_scores_op(
+    teacher_logprob: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    kl: Optional[torch.Tensor],
+    teacher_entropy: Optional[torch.Tensor],
+    student_entropy: Optional[torch.Tensor],
+    teacher_index: Optional[torch.Tensor],
+    num_teachers: Optional[int],
+    p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`trajectory_scores` of one process; the TrajectoryScores fields in order."""
+    return tuple(_trajectory_scores_impl(teacher_logprob, mask, kl, teacher_entropy, student_entropy,
+                                         teacher_index, num_teachers, p, None))
+
+
+@_trajectory_scores_op.register_fake
+def _(teacher_logprob, mask, kl, teacher_entropy, student_entropy, teacher_index, num_teachers, p):
+    B = teacher_logprob.shape[0]
+    K = _num_teachers_fake(teacher_index, num_teachers)
+    dt = _compute_dtype(teacher_logprob, kl, teacher_entropy, student_entropy)
+    x = teacher_logprob
+    return (x.new_empty(B, dtype=dt), x.new_empty(B, dtype=torch.bool),
+            x.new_empty(K, dtype=torch.float64), x.new_empty(B, dtype=torch.int64),
+            x.new_empty(B, dtype=dt), x.new_empty(B, dtype=dt), x.new_empty(B, dtype=dt),
+            x.new_empty(K, dtype=torch.int64), x.new_empty(K, dtype=torch.int64))
 
 
 def trajectory_scores(
@@ -299,70 +323,48 @@ def trajectory_scores(
     interpolation. Empty rollouts have score 0, are never kept and do not count
     in n. A NaN score sorts above every number and is never kept when k > 0.
     """
-    _check_tensor("teacher_logprob", teacher_logprob)
-    _check_mask(mask, teacher_logprob, "teacher_logprob")
+    _checks.floating_2d("teacher_logprob", teacher_logprob)
+    _checks.mask_like(mask, teacher_logprob, "teacher_logprob")
     for name, x in (("kl", kl), ("teacher_entropy", teacher_entropy), ("student_entropy", student_entropy)):
         if x is not None:
-            _check_tensor(name, x, like=teacher_logprob, like_name="teacher_logprob")
-    p = _check_p(p)
-    group = _sync_group(process_group, sync)
-    B, T = teacher_logprob.shape
-    dev = teacher_logprob.device
-    teacher, K = _teachers(teacher_index, num_teachers, B, dev, group)
-
-    dtype = _compute_dtype(teacher_logprob, kl, teacher_entropy, student_entropy)
-    prm = _C.TrajectoryStatsParams()
-    prm.rows, prm.cols, prm.dtype = B, T, _dtype_tag(dtype)
-    m, prm.mask_row_stride = _mask_rows(mask)
-    prm.mask = _ptr(m)
-    inputs = {}
-    for name, x in (
-        ("teacher_logprob", teacher_logprob),
-        ("kl", kl),
-        ("teacher_entropy", teacher_entropy),
-        ("student_entropy", student_entropy),
-    ):
-        if x is not None:
-            inputs[name], stride = _rows(x, dtype)
-            setattr(prm, name, inputs[name].data_ptr())
-            setattr(prm, f"{name}_row_stride", stride)
-    length = torch.zeros(B, dtype=torch.int64, device=dev)
-    out = {k: torch.zeros(B, dtype=dtype, device=dev) for k in ("score", "mean_kl", "mean_teacher_entropy", "mean_student_entropy")}
-    prm.length = length.data_ptr()
-    prm.score = out["score"].data_ptr()
-    if kl is not None:
-        prm.mean_kl = out["mean_kl"].data_ptr()
-    if teacher_entropy is not None:
-        prm.mean_teacher_entropy = out["mean_teacher_entropy"].data_ptr()
-    if student_entropy is not None:
-        prm.mean_student_entropy = out["mean_student_entropy"].data_ptr()
-    _launch(_C.trajectory_stats, prm, dev)
-
-    f = _filter(out["score"], length > 0, teacher, K, p, group)
-    return TrajectoryScores(
-        score=out["score"],
-        keep=f.keep,
-        threshold=f.threshold,
-        length=length,
-        mean_kl=out["mean_kl"],
-        mean_teacher_entropy=out["mean_teacher_entropy"],
-        mean_student_entropy=out["mean_student_entropy"],
-        num_scored=f.num_scored,
-        num_dropped=f.num_dropped,
-    )
-
-
-def _filter(score: torch.Tensor, nonempty: torch.Tensor, teacher: torch.Tensor, K: int, p: float, group):
-    s64 = score.to(torch.float64)
+            _checks.like(name, x, teacher_logprob, "teacher_logprob")
+    p = _checks.percentage("p", p)
+    B = teacher_logprob.shape[0]
+    _check_teacher_args(teacher_index, num_teachers, B, teacher_logprob.device)
+    group = _dist.sync_group(process_group, _checks.optional_flag("sync", sync))
+    args = (_detach(teacher_logprob), _detach(mask), _detach(kl), _detach(teacher_entropy),
+            _detach(student_entropy), _detach(teacher_index), num_teachers, p)
     if group is None:
-        thr, n, k = _filter_threshold(s64, nonempty, teacher, K, p)
-    else:
-        # One float64 message per rollout: score, non-empty flag, teacher (exact below 2^53).
-        rows = torch.stack([s64, nonempty.to(torch.float64), teacher.to(torch.float64)], dim=1)
-        g = _all_gather_rows(rows, group)
-        thr, n, k = _filter_threshold(g[:, 0], g[:, 1] > 0, g[:, 2].to(torch.int64), K, p)
-    keep = nonempty & ((k[teacher] == 0) | (s64 >= thr[teacher]))
-    return TrajectoryFilter(keep=keep, threshold=thr, num_scored=n, num_dropped=k)
+        return TrajectoryScores(*_trajectory_scores_op(*args))
+    _dist.require_eager("trajectory_scores")
+    return _trajectory_scores_impl(*args, group)
+
+
+def _trajectory_filter_impl(score, length, teacher_index, num_teachers, p, group) -> TrajectoryFilter:
+    p = _checks.percentage("p", p)
+    B = score.shape[0]
+    teacher, K = _teachers(teacher_index, num_teachers, B, score.device, group)
+    return _filter(score, length > 0, teacher, K, p, group)
+
+
+@torch.library.custom_op("pyopd::trajectory_filter", mutates_args=())
+def _trajectory_filter_op(
+    score: torch.Tensor,
+    length: torch.Tensor,
+    teacher_index: Optional[torch.Tensor],
+    num_teachers: Optional[int],
+    p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`trajectory_filter` of one process; the TrajectoryFilter fields in order."""
+    return tuple(_trajectory_filter_impl(score, length, teacher_index, num_teachers, p, None))
+
+
+@_trajectory_filter_op.register_fake
+def _(score, length, teacher_index, num_teachers, p):
+    B = score.shape[0]
+    K = _num_teachers_fake(teacher_index, num_teachers)
+    return (score.new_empty(B, dtype=torch.bool), score.new_empty(K, dtype=torch.float64),
+            score.new_empty(K, dtype=torch.int64), score.new_empty(K, dtype=torch.int64))
 
 
 def trajectory_filter(
@@ -389,14 +391,20 @@ def trajectory_filter(
     Returns:
         TrajectoryFilter(keep [B] bool, threshold [K] float64, num_scored [K], num_dropped [K]).
     """
-    if not isinstance(score, torch.Tensor) or score.dtype not in _FLOATS or score.dim() != 1:
-        raise ValueError("score must be a 1-D floating-point tensor of per-rollout scores")
+    if not isinstance(score, torch.Tensor) or score.dtype not in _checks.FLOAT_DTYPES or score.dim() != 1:
+        got = (f"{score.dtype} tensor of shape {tuple(score.shape)}" if isinstance(score, torch.Tensor)
+               else type(score).__name__)
+        raise ValueError(f"score must be a 1-D floating-point tensor of per-rollout scores, got {got}")
     B = score.shape[0]
-    _check_rows("length", length, B, score.device, dtype_kind="int")
-    p = _check_p(p)
-    group = _sync_group(process_group, sync)
-    teacher, K = _teachers(teacher_index, num_teachers, B, score.device, group)
-    return _filter(score.detach(), length > 0, teacher, K, p, group)
+    _checks.per_row("length", length, B, score.device, kind="int", what="the scores")
+    p = _checks.percentage("p", p)
+    _check_teacher_args(teacher_index, num_teachers, B, score.device)
+    group = _dist.sync_group(process_group, _checks.optional_flag("sync", sync))
+    args = (score.detach(), length.detach(), _detach(teacher_index), num_teachers, p)
+    if group is None:
+        return TrajectoryFilter(*_trajectory_filter_op(*args))
+    _dist.require_eager("trajectory_filter")
+    return _trajectory_filter_impl(*args, group)
 
 
 # ---- fire_token_weights -------------------------------------------------------------
@@ -412,11 +420,90 @@ def _segment_max(values: torch.Tensor, segment: torch.Tensor, K: int) -> torch.T
     return torch.where(has_nan > 0, torch.full_like(out, math.nan), out)
 
 
-def _max_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
-    if group is None:
-        return x
-    g = _all_gather_rows(x.unsqueeze(0), group)  # [ranks, ...]
-    return g.amax(0)  # amax propagates NaN
+def _fire_token_weights_impl(teacher_entropy, student_entropy, mask, keep, teacher_index, num_teachers,
+                             alpha, beta, normalize, group) -> FireWeights:
+    alpha, beta = _checks.fire_coefficients(alpha, beta)  # again on the concrete values
+    B, T = teacher_entropy.shape
+    dev = teacher_entropy.device
+    teacher, K = _teachers(teacher_index, num_teachers, B, dev, group)
+
+    dtype = _compute_dtype(teacher_entropy, student_entropy)
+    ht, ht_stride = _rows(teacher_entropy, dtype)
+    hs, hs_stride = _rows(student_entropy, dtype)
+    m, m_stride = _mask_rows(mask)
+
+    # Pass 1: per-row maxima (kernel), then per-teacher / batch maxima over kept rows.
+    st = _C.TrajectoryStatsParams()
+    st.rows, st.cols, st.dtype = B, T, _dtype_tag(dtype)
+    st.mask, st.mask_row_stride = _ptr(m), m_stride
+    st.teacher_entropy, st.teacher_entropy_row_stride = ht.data_ptr(), ht_stride
+    st.student_entropy, st.student_entropy_row_stride = hs.data_ptr(), hs_stride
+    length = torch.zeros(B, dtype=torch.int64, device=dev)
+    row_max_t = torch.zeros(B, dtype=dtype, device=dev)
+    row_max_s = torch.zeros(B, dtype=dtype, device=dev)
+    st.length, st.max_teacher_entropy, st.max_student_entropy = (
+        length.data_ptr(),
+        row_max_t.data_ptr(),
+        row_max_s.data_ptr(),
+    )
+    _launch(_C.trajectory_stats, st, dev)
+    if keep is not None:  # a NaN on a dropped rollout must not reach the normalisers
+        row_max_t = torch.where(keep, row_max_t, torch.zeros_like(row_max_t))
+        row_max_s = torch.where(keep, row_max_s, torch.zeros_like(row_max_s))
+    max_t = _dist.max_over_ranks(_segment_max(row_max_t, teacher, K), group)
+    # [1] -> [] as a fresh tensor, not a view (a custom op's outputs must not alias)
+    max_s = _dist.max_over_ranks(_segment_max(row_max_s, torch.zeros_like(teacher), 1), group).reshape(())
+
+    # Pass 2: the weights (kernel), normalised per row there or over the batch here.
+    fw = _C.FireWeightsParams()
+    fw.rows, fw.cols, fw.dtype = B, T, _dtype_tag(dtype)
+    fw.mask, fw.mask_row_stride = _ptr(m), m_stride
+    fw.teacher_entropy, fw.teacher_entropy_row_stride = ht.data_ptr(), ht_stride
+    fw.student_entropy, fw.student_entropy_row_stride = hs.data_ptr(), hs_stride
+    keep_c = None if keep is None else keep.contiguous()
+    fw.keep = _ptr(keep_c)
+    norm_t = max_t[teacher].contiguous()
+    norm_s = max_s.expand(B).contiguous()
+    fw.teacher_entropy_max, fw.student_entropy_max = norm_t.data_ptr(), norm_s.data_ptr()
+    fw.alpha, fw.beta = alpha, beta
+    fw.normalize_rows = normalize == "trajectory"
+    weight = torch.empty((B, T), dtype=dtype, device=dev)
+    row_sum = torch.zeros(B, dtype=torch.float64, device=dev)
+    row_count = torch.zeros(B, dtype=torch.int64, device=dev)
+    fw.weight, fw.row_sum, fw.row_count = weight.data_ptr(), row_sum.data_ptr(), row_count.data_ptr()
+    _launch(_C.fire_weights, fw, dev)
+    if normalize == "batch":
+        tot = torch.stack([row_sum.sum(), row_count.sum().to(torch.float64)])
+        if group is not None:
+            tot = _dist.all_gather_rows(tot.unsqueeze(0), group).sum(0)
+        scale = torch.where(tot[1] > 0, tot[1] / tot[0], torch.ones_like(tot[0]))
+        weight.mul_(scale.to(dtype))
+    return FireWeights(weight=weight, max_teacher_entropy=max_t, max_student_entropy=max_s)
+
+
+@torch.library.custom_op("pyopd::fire_token_weights", mutates_args=())
+def _fire_token_weights_op(
+    teacher_entropy: torch.Tensor,
+    student_entropy: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    keep: Optional[torch.Tensor],
+    teacher_index: Optional[torch.Tensor],
+    num_teachers: Optional[int],
+    alpha: float,
+    beta: float,
+    normalize: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fire_token_weights` of one process; the FireWeights fields in order."""
+    return tuple(_fire_token_weights_impl(teacher_entropy, student_entropy, mask, keep, teacher_index,
+                                          num_teachers, alpha, beta, normalize, None))
+
+
+@_fire_token_weights_op.register_fake
+def _(teacher_entropy, student_entropy, mask, keep, teacher_index, num_teachers, alpha, beta, normalize):
+    K = _num_teachers_fake(teacher_index, num_teachers)
+    dt = _compute_dtype(teacher_entropy, student_entropy)
+    x = teacher_entropy
+    return x.new_empty(x.shape, dtype=dt), x.new_empty(K, dtype=dt), x.new_empty((), dtype=dt)
 
 
 def fire_token_weights(
@@ -461,74 +548,115 @@ def fire_token_weights(
     Returns:
         FireWeights: weight [B, T], max_teacher_entropy [K], max_student_entropy [].
     """
-    _check_tensor("teacher_entropy", teacher_entropy)
-    _check_tensor("student_entropy", student_entropy, like=teacher_entropy, like_name="teacher_entropy")
-    _check_mask(mask, teacher_entropy, "teacher_entropy")
-    B, T = teacher_entropy.shape
+    _checks.floating_2d("teacher_entropy", teacher_entropy)
+    _checks.like("student_entropy", student_entropy, teacher_entropy, "teacher_entropy")
+    _checks.mask_like(mask, teacher_entropy, "teacher_entropy")
+    B = teacher_entropy.shape[0]
     dev = teacher_entropy.device
     if keep is not None:
-        _check_rows("keep", keep, B, dev, dtype_kind="bool")
-    alpha = _check_finite("alpha", alpha, lo=0.0)
-    beta = _check_finite("beta", beta, lo=0.0)
-    if normalize not in ("trajectory", "batch"):
-        raise ValueError(f"normalize must be 'trajectory' or 'batch', got {normalize!r}")
-    group = _sync_group(process_group, sync)
-    teacher, K = _teachers(teacher_index, num_teachers, B, dev, group)
-
-    dtype = _compute_dtype(teacher_entropy, student_entropy)
-    ht, ht_stride = _rows(teacher_entropy, dtype)
-    hs, hs_stride = _rows(student_entropy, dtype)
-    m, m_stride = _mask_rows(mask)
-
-    # Pass 1: per-row maxima (kernel), then per-teacher / batch maxima over kept rows.
-    st = _C.TrajectoryStatsParams()
-    st.rows, st.cols, st.dtype = B, T, _dtype_tag(dtype)
-    st.mask, st.mask_row_stride = _ptr(m), m_stride
-    st.teacher_entropy, st.teacher_entropy_row_stride = ht.data_ptr(), ht_stride
-    st.student_entropy, st.student_entropy_row_stride = hs.data_ptr(), hs_stride
-    length = torch.zeros(B, dtype=torch.int64, device=dev)
-    row_max_t = torch.zeros(B, dtype=dtype, device=dev)
-    row_max_s = torch.zeros(B, dtype=dtype, device=dev)
-    st.length, st.max_teacher_entropy, st.max_student_entropy = (
-        length.data_ptr(),
-        row_max_t.data_ptr(),
-        row_max_s.data_ptr(),
-    )
-    _launch(_C.trajectory_stats, st, dev)
-    if keep is not None:  # a NaN on a dropped rollout must not reach the normalisers
-        row_max_t = torch.where(keep, row_max_t, torch.zeros_like(row_max_t))
-        row_max_s = torch.where(keep, row_max_s, torch.zeros_like(row_max_s))
-    max_t = _max_over_ranks(_segment_max(row_max_t, teacher, K), group)
-    max_s = _max_over_ranks(_segment_max(row_max_s, torch.zeros_like(teacher), 1), group)[0]
-
-    # Pass 2: the weights (kernel), normalised per row there or over the batch here.
-    fw = _C.FireWeightsParams()
-    fw.rows, fw.cols, fw.dtype = B, T, _dtype_tag(dtype)
-    fw.mask, fw.mask_row_stride = _ptr(m), m_stride
-    fw.teacher_entropy, fw.teacher_entropy_row_stride = ht.data_ptr(), ht_stride
-    fw.student_entropy, fw.student_entropy_row_stride = hs.data_ptr(), hs_stride
-    keep_c = None if keep is None else keep.contiguous()
-    fw.keep = _ptr(keep_c)
-    norm_t = max_t[teacher].contiguous()
-    norm_s = max_s.expand(B).contiguous()
-    fw.teacher_entropy_max, fw.student_entropy_max = norm_t.data_ptr(), norm_s.data_ptr()
-    fw.alpha, fw.beta = alpha, beta
-    fw.normalize_rows = normalize == "trajectory"
-    weight = torch.empty((B, T), dtype=dtype, device=dev)
-    row_sum = torch.zeros(B, dtype=torch.float64, device=dev)
-    row_count = torch.zeros(B, dtype=torch.int64, device=dev)
-    fw.weight, fw.row_sum, fw.row_count = weight.data_ptr(), row_sum.data_ptr(), row_count.data_ptr()
-    _launch(_C.fire_weights, fw, dev)
-    if normalize == "batch":
-        tot = torch.stack([row_sum.sum(), row_count.sum().to(torch.float64)])
-        if group is not None:
-            tot = _all_gather_rows(tot.unsqueeze(0), group).sum(0)
-        scale = torch.where(tot[1] > 0, tot[1] / tot[0], torch.ones_like(tot[0]))
-        weight.mul_(scale.to(dtype))
-    return FireWeights(weight=weight, max_teacher_entropy=max_t, max_student_entropy=max_s)
+        _checks.per_row("keep", keep, B, dev, kind="bool")
+    alpha, beta = _checks.fire_coefficients(alpha, beta)
+    _checks.choice("normalize", normalize, ("trajectory", "batch"))
+    _check_teacher_args(teacher_index, num_teachers, B, dev)
+    group = _dist.sync_group(process_group, _checks.optional_flag("sync", sync))
+    args = (_detach(teacher_entropy), _detach(student_entropy), _detach(mask), _detach(keep),
+            _detach(teacher_index), num_teachers, alpha, beta, normalize)
+    if group is None:
+        return FireWeights(*_fire_token_weights_op(*args))
+    _dist.require_eager("fire_token_weights")
+    return _fire_token_weights_impl(*args, group)
 
 
 # ---- group_advantages ---------------------------------------------------------------
+
+
+def _check_group_scalars(clip_low, clip_high, bonus, eps):
+    clip_low = _checks.number("clip_low", clip_low)
+    clip_high = _checks.number("clip_high", clip_high)
+    if not (_checks.is_symbolic(clip_low) or _checks.is_symbolic(clip_high)) and not clip_low < clip_high:
+        raise ValueError(f"clip_low must be < clip_high, got {clip_low} and {clip_high}")
+    bonus = _checks.number("bonus", bonus)
+    eps = _checks.number("eps", eps, lo=0.0, lo_open=True)
+    return clip_low, clip_high, bonus, eps
+
+
+def _group_advantages_impl(teacher_logprob, student_logprob, mask, group_index, clip_low, clip_high,
+                           bonus, eps, group) -> GroupAdvantages:
+    clip_low, clip_high, bonus, eps = _check_group_scalars(clip_low, clip_high, bonus, eps)
+    B, T = teacher_logprob.shape
+    dev = teacher_logprob.device
+    dtype = _compute_dtype(teacher_logprob, student_logprob)
+    lq, lq_stride = _rows(teacher_logprob, dtype)
+    lp, lp_stride = _rows(student_logprob, dtype)
+    m, m_stride = _mask_rows(mask)
+    prm = _C.GroupAdvParams()
+    prm.rows, prm.cols, prm.dtype = B, T, _dtype_tag(dtype)
+    prm.mask, prm.mask_row_stride = _ptr(m), m_stride
+    prm.teacher_logprob, prm.teacher_logprob_row_stride = lq.data_ptr(), lq_stride
+    prm.student_logprob, prm.student_logprob_row_stride = lp.data_ptr(), lp_stride
+    prm.clip_low, prm.clip_high, prm.bonus, prm.eps = clip_low, clip_high, bonus, eps
+
+    # Pass 1 (kernel): per-row count, mean, M2 of r.
+    count = torch.zeros(B, dtype=torch.int64, device=dev)
+    mean = torch.zeros(B, dtype=torch.float64, device=dev)
+    m2 = torch.zeros(B, dtype=torch.float64, device=dev)
+    prm.row_count, prm.row_mean, prm.row_m2 = count.data_ptr(), mean.data_ptr(), m2.data_ptr()
+    _launch(_C.group_reward_moments, prm, dev)
+
+    # Pool the rows of each group (Chan et al.), over all ranks when synced.
+    ids = group_index.to(torch.int64)
+    # One int64 message per row; the float64 statistics travel as their raw bits.
+    rows = torch.stack([ids, count, mean.view(torch.int64), m2.view(torch.int64)], 1)
+    offset = 0
+    if group is not None:
+        rows, offset = _dist.all_gather_rows(rows, group, with_offset=True)
+    stats = torch.stack([
+        rows[:, 1].to(torch.float64),
+        rows[:, 2].contiguous().view(torch.float64),
+        rows[:, 3].contiguous().view(torch.float64),
+    ], 1)
+    g_mean, g_std, g_count = _pool_groups(rows[:, 0], stats)
+    sl = slice(offset, offset + B)
+    # Fresh tensors (clone), not views of the pooled [all ranks] ones.
+    row_g_mean, row_g_std = g_mean[sl].clone(), g_std[sl].clone()
+
+    # Pass 2 (kernel): the advantages.
+    adv = torch.empty((B, T), dtype=dtype, device=dev)
+    prm.group_mean, prm.group_std, prm.advantage = row_g_mean.data_ptr(), row_g_std.data_ptr(), adv.data_ptr()
+    _launch(_C.group_advantages_apply, prm, dev)
+    return GroupAdvantages(
+        advantage=adv,
+        reward_mean=mean,
+        group_mean=row_g_mean,
+        group_std=row_g_std,
+        group_count=g_count[sl].clone(),
+    )
+
+
+@torch.library.custom_op("pyopd::group_advantages", mutates_args=())
+def _group_advantages_op(
+    teacher_logprob: torch.Tensor,
+    student_logprob: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    group_index: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    bonus: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`group_advantages` of one process; the GroupAdvantages fields in order."""
+    return tuple(_group_advantages_impl(teacher_logprob, student_logprob, mask, group_index, clip_low,
+                                        clip_high, bonus, eps, None))
+
+
+@_group_advantages_op.register_fake
+def _(teacher_logprob, student_logprob, mask, group_index, clip_low, clip_high, bonus, eps):
+    x = teacher_logprob
+    B = x.shape[0]
+    dt = _compute_dtype(teacher_logprob, student_logprob)
+    return (x.new_empty(x.shape, dtype=dt), x.new_empty(B, dtype=torch.float64),
+            x.new_empty(B, dtype=torch.float64), x.new_empty(B, dtype=torch.float64),
+            x.new_empty(B, dtype=torch.int64))
 
 
 def group_advantages(
@@ -567,65 +695,19 @@ def group_advantages(
         and per row of float64: reward_mean, group_mean, group_std, and
         group_count (int64).
     """
-    _check_tensor("teacher_logprob", teacher_logprob)
-    _check_tensor("student_logprob", student_logprob, like=teacher_logprob, like_name="teacher_logprob")
-    _check_mask(mask, teacher_logprob, "teacher_logprob")
-    B, T = teacher_logprob.shape
-    dev = teacher_logprob.device
-    _check_rows("group_index", group_index, B, dev, dtype_kind="int")
-    clip_low = _check_finite("clip_low", clip_low)
-    clip_high = _check_finite("clip_high", clip_high)
-    if not clip_low < clip_high:
-        raise ValueError(f"clip_low must be < clip_high, got {clip_low} and {clip_high}")
-    bonus = _check_finite("bonus", bonus)
-    eps = _check_finite("eps", eps, lo=0.0, lo_open=True)
-    group = _sync_group(process_group, sync)
-
-    dtype = _compute_dtype(teacher_logprob, student_logprob)
-    lq, lq_stride = _rows(teacher_logprob, dtype)
-    lp, lp_stride = _rows(student_logprob, dtype)
-    m, m_stride = _mask_rows(mask)
-    prm = _C.GroupAdvParams()
-    prm.rows, prm.cols, prm.dtype = B, T, _dtype_tag(dtype)
-    prm.mask, prm.mask_row_stride = _ptr(m), m_stride
-    prm.teacher_logprob, prm.teacher_logprob_row_stride = lq.data_ptr(), lq_stride
-    prm.student_logprob, prm.student_logprob_row_stride = lp.data_ptr(), lp_stride
-    prm.clip_low, prm.clip_high, prm.bonus, prm.eps = clip_low, clip_high, bonus, eps
-
-    # Pass 1 (kernel): per-row count, mean, M2 of r.
-    count = torch.zeros(B, dtype=torch.int64, device=dev)
-    mean = torch.zeros(B, dtype=torch.float64, device=dev)
-    m2 = torch.zeros(B, dtype=torch.float64, device=dev)
-    prm.row_count, prm.row_mean, prm.row_m2 = count.data_ptr(), mean.data_ptr(), m2.data_ptr()
-    _launch(_C.group_reward_moments, prm, dev)
-
-    # Pool the rows of each group (Chan et al.), over all ranks when synced.
-    ids = group_index.to(torch.int64)
-    # One int64 message per row; the float64 statistics travel as their raw bits.
-    rows = torch.stack([ids, count, mean.view(torch.int64), m2.view(torch.int64)], 1)
-    offset = 0
-    if group is not None:
-        rows, offset = _all_gather_rows(rows, group, with_offset=True)
-    stats = torch.stack([
-        rows[:, 1].to(torch.float64),
-        rows[:, 2].contiguous().view(torch.float64),
-        rows[:, 3].contiguous().view(torch.float64),
-    ], 1)
-    g_mean, g_std, g_count = _pool_groups(rows[:, 0], stats)
-    sl = slice(offset, offset + B)
-    row_g_mean, row_g_std = g_mean[sl].contiguous(), g_std[sl].contiguous()
-
-    # Pass 2 (kernel): the advantages.
-    adv = torch.empty((B, T), dtype=dtype, device=dev)
-    prm.group_mean, prm.group_std, prm.advantage = row_g_mean.data_ptr(), row_g_std.data_ptr(), adv.data_ptr()
-    _launch(_C.group_advantages_apply, prm, dev)
-    return GroupAdvantages(
-        advantage=adv,
-        reward_mean=mean,
-        group_mean=row_g_mean,
-        group_std=row_g_std,
-        group_count=g_count[sl],
-    )
+    _checks.floating_2d("teacher_logprob", teacher_logprob)
+    _checks.like("student_logprob", student_logprob, teacher_logprob, "teacher_logprob")
+    _checks.mask_like(mask, teacher_logprob, "teacher_logprob")
+    B = teacher_logprob.shape[0]
+    _checks.per_row("group_index", group_index, B, teacher_logprob.device, kind="int")
+    clip_low, clip_high, bonus, eps = _check_group_scalars(clip_low, clip_high, bonus, eps)
+    group = _dist.sync_group(process_group, _checks.optional_flag("sync", sync))
+    args = (_detach(teacher_logprob), _detach(student_logprob), _detach(mask), _detach(group_index),
+            clip_low, clip_high, bonus, eps)
+    if group is None:
+        return GroupAdvantages(*_group_advantages_op(*args))
+    _dist.require_eager("group_advantages")
+    return _group_advantages_impl(*args, group)
 
 
 def _pool_groups(ids: torch.Tensor, stats: torch.Tensor):

@@ -5,71 +5,37 @@ These compute, with plain whole-batch tensor ops, exactly what
 `pyopd.group_advantages` compute (see those for the documented rules). They
 are the ground truth of the tests (run them in float64) and the eager
 baseline of the benchmarks. They see one process's batch only: no
-`torch.distributed`. They also define the result types.
+`torch.distributed`.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
+# The result types and the drop count live in a leaf module shared with the
+# fast path; re-exported here, where they used to be defined.
+from pyopd.ops.types import (
+    FLOOR_SLACK,
+    FireWeights,
+    GroupAdvantages,
+    TrajectoryFilter,
+    TrajectoryScores,
+    num_to_drop,
+)
 
-class TrajectoryScores(NamedTuple):
-    """Per-rollout summaries of [B, T] per-token signals and the FiRe-OPD filter.
-
-    B rollouts, K teachers (K = 1 without `teacher_index`). Means are over the
-    valid (mask) positions of the row and 0 for a row with none, or when the
-    signal was not given.
-    """
-
-    score: torch.Tensor  # [B] S_i = mean teacher log-prob (length-normalised)
-    keep: torch.Tensor  # [B] bool: length > 0 and (nothing to drop or S_i >= threshold)
-    threshold: torch.Tensor  # [K] float64: -inf when nothing is dropped, +inf when all are
-    length: torch.Tensor  # [B] int64 number of valid positions
-    mean_kl: torch.Tensor  # [B]
-    mean_teacher_entropy: torch.Tensor  # [B]
-    mean_student_entropy: torch.Tensor  # [B]
-    num_scored: torch.Tensor  # [K] int64 non-empty rollouts the threshold was taken over (all ranks)
-    num_dropped: torch.Tensor  # [K] int64 k = floor(p * num_scored / 100), the target drop count
-
-
-class TrajectoryFilter(NamedTuple):
-    """The FiRe-OPD rollout filter alone (see `pyopd.trajectory_filter`)."""
-
-    keep: torch.Tensor  # [B] bool
-    threshold: torch.Tensor  # [K] float64
-    num_scored: torch.Tensor  # [K] int64
-    num_dropped: torch.Tensor  # [K] int64
-
-
-class FireWeights(NamedTuple):
-    """FiRe-OPD soft token weights (detached)."""
-
-    weight: torch.Tensor  # [B, T]; 0 at masked positions and on dropped rollouts
-    max_teacher_entropy: torch.Tensor  # [K] the H_t normaliser of each teacher (all ranks)
-    max_student_entropy: torch.Tensor  # [] the H_s normaliser (all ranks)
-
-
-class GroupAdvantages(NamedTuple):
-    """COPSD dense group advantages; per-row fields describe the row's group."""
-
-    advantage: torch.Tensor  # [B, T]; 0 at masked positions
-    reward_mean: torch.Tensor  # [B] float64 mean reward r over the row's valid positions
-    group_mean: torch.Tensor  # [B] float64 pooled mean of r over the group's valid positions
-    group_std: torch.Tensor  # [B] float64 pooled population std (ddof 0)
-    group_count: torch.Tensor  # [B] int64 valid positions pooled in the group
-
-
-# Slack against rounding in k = floor(p * n / 100): p * n / 100 computed in
-# float64 is within a few ulp of the exact value, so an exact integer must
-# not fall to the integer below.
-_FLOOR_SLACK = 1e-9
-
-
-def num_to_drop(p: float, n: torch.Tensor) -> torch.Tensor:
-    """k = floor(p * n / 100) for an int tensor of population sizes n."""
-    return torch.floor(n.to(torch.float64) * (float(p) / 100.0) + _FLOOR_SLACK).to(torch.int64)
+__all__ = [
+    "FireWeights",
+    "GroupAdvantages",
+    "TrajectoryFilter",
+    "TrajectoryScores",
+    "filter_threshold_ref",
+    "fire_token_weights_ref",
+    "group_advantages_ref",
+    "num_to_drop",
+    "trajectory_scores_ref",
+]
 
 
 def _bool_mask(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -96,7 +62,7 @@ def filter_threshold_ref(
     for k in range(num_teachers):
         s = score[nonempty & (teacher == k)].to(torch.float64)
         n = int(s.numel())
-        drop = int(math.floor(n * (float(p) / 100.0) + _FLOOR_SLACK))
+        drop = int(math.floor(n * (float(p) / 100.0) + FLOOR_SLACK))
         if drop == 0:
             thr.append(-math.inf)
         elif drop >= n:

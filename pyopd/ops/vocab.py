@@ -7,18 +7,27 @@ log-sum-exp and the full-vocabulary reverse KL(p || q). The backward pass
 recomputes p (and q) from the saved per-row max and log-normaliser, so nothing
 of size [N, V] is kept between forward and backward.
 
-The math is in DESIGN.md section 2; `pyopd.ops.reference` computes the same
-with plain `log_softmax` and is what the tests compare against.
+`pyopd.ops.reference` computes the same with plain `log_softmax` and is what
+the tests compare against.
+
+The kernels run inside `torch.library.custom_op`s (pyopd::vocab_stats_fwd /
+_bwd, with fakes and autograd) that take plain tensors and scalars and fill
+the kernels' parameter structs inside their implementation, so `token_stats`
+and `reverse_kl` trace with torch.compile(fullgraph=True), static or dynamic.
+Token ids are range-checked by a third op (pyopd::checked_tokens) on the
+concrete values, under torch.compile too: on the CPU it raises a ValueError
+naming the bad id; on CUDA it queues a device-side assert instead of
+synchronising the host on every call.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-from pyopd import _C
-from pyopd.ops.reference import ReverseKL, TokenStats
+from pyopd import _C, _checks
+from pyopd.ops.types import ReverseKL, TokenStats
 
 __all__ = ["token_stats", "reverse_kl", "reverse_kl_backward", "TokenStats", "ReverseKL"]
 
@@ -31,67 +40,44 @@ _DTYPE_TAG = {
 
 
 # ---------------------------------------------------------------------------
-# argument checks (user-facing messages name the argument)
+# argument checks (in pyopd._checks; user-facing messages name the argument)
 # ---------------------------------------------------------------------------
 
 
-def _check_logits(name: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPE_TAG:
-        raise TypeError(
-            f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}"
-        )
-    if x.dim() < 2:
-        raise ValueError(f"{name} must have shape [N, V] or [B, T, V], got {tuple(x.shape)}")
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} must be on the CPU or a CUDA device, got {x.device}")
-    if x.shape[-1] == 0:
-        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
-    if x.numel() == 0:
-        raise ValueError(f"{name} has no rows (shape {tuple(x.shape)}); pass at least one token")
-    return x
+def _token_range_message(vocab: int) -> str:
+    return f"tokens must lie in [0, {vocab}) (the student vocabulary) on unmasked rows"
 
 
-def _check_rows(name: str, x: Optional[torch.Tensor], lead: Sequence[int], device: torch.device,
-                kind: str) -> Optional[torch.Tensor]:
-    if x is None:
-        return None
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
-    if tuple(x.shape) != tuple(lead):
-        raise ValueError(f"{name} must have shape {tuple(lead)} (the logits' leading dims), "
-                         f"got {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
-    if kind == "mask" and x.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True where the token counts), got {x.dtype}")
-    if kind == "tokens" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor of token ids, got {x.dtype}")
-    return x
+@torch.library.custom_op("pyopd::checked_tokens", mutates_args=())
+def _checked_tokens(tokens: torch.Tensor, mask: Optional[torch.Tensor], vocab: int) -> torch.Tensor:
+    """tokens [...] (any int dtype) -> int64 [N] contiguous copy, ids range-checked on unmasked rows.
 
-
-def _check_temperature(temperature: float) -> float:
-    t = float(temperature)
-    if not (t > 0.0 and math.isfinite(t)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return t
-
-
-def _check_token_range(tokens: torch.Tensor, mask: Optional[torch.Tensor], vocab: int) -> None:
-    # Only rows that count are checked, so padding ids such as -100 are fine
-    # under a mask. Skipped while tracing for torch.compile (data-dependent).
-    if torch.compiler.is_compiling():
-        return
-    bad = (tokens < 0) | (tokens >= vocab)
+    An op of its own so that the check runs on the concrete ids also inside a
+    torch.compile graph (a Python-level check would see fake tensors there).
+    Only rows that count are checked, so padding ids such as -100 are fine
+    under a mask. The kernels never index with an out-of-range id either way.
+    """
+    flat = tokens.reshape(-1).to(torch.int64, copy=True).contiguous()  # a copy: outputs must not alias
+    bad = (flat < 0) | (flat >= vocab)
     if mask is not None:
-        bad &= mask
-    if bool(bad.any()):
-        first = tokens[bad].flatten()[0].item()
-        raise ValueError(
-            f"tokens must lie in [0, {vocab}) (the student vocabulary) on unmasked rows; "
-            f"found {first}"
-        )
+        bad &= mask.reshape(-1)
+    if flat.device.type == "cuda":
+        # No host sync: a device-side assert fires (asynchronously) if any id is bad.
+        torch._assert_async(~bad.any(), _token_range_message(vocab))
+    elif bool(bad.any()):
+        first = flat[bad][0].item()
+        raise ValueError(f"{_token_range_message(vocab)}; found {first}")
+    return flat
+
+
+@_checked_tokens.register_fake
+def _(tokens, mask, vocab):
+    return tokens.new_empty(tokens.numel(), dtype=torch.int64)
+
+
+def _check_token_range(tokens: torch.Tensor, mask: Optional[torch.Tensor], vocab: int) -> torch.Tensor:
+    """int64 [N] token ids; raises (CPU) / asserts on the device (CUDA) if an unmasked id is out of range."""
+    return _checked_tokens(tokens, mask, vocab)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +146,7 @@ def _vocab_stats_fwd(
     Returns kl, student_entropy, teacher_entropy, student_logprob, teacher_logprob,
     student_lse, teacher_lse (each [N]) and stats [N, 4] = (m_s, logZ_s, m_t, logZ_t).
     """
+    _checks.inv_temperature(inv_temperature)
     n = student.shape[0]
     od = _out_dtype(student)
     outs = [torch.zeros(n, dtype=od, device=student.device) for _ in range(7)]
@@ -202,6 +189,7 @@ def _vocab_stats_bwd(
     grad_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Gradient w.r.t. the student logits [N, V] (contiguous, dtype grad_dtype)."""
+    _checks.inv_temperature(inv_temperature)
     grad = torch.empty(student.shape, dtype=grad_dtype, device=student.device)
     od = _out_dtype(student)
     p = _C.VocabStatsBwdParams()
@@ -256,12 +244,12 @@ torch.library.register_autograd("pyopd::vocab_stats_fwd", _backward, setup_conte
 
 
 def _prepare(student_logits, teacher_logits, tokens, mask, temperature, require_teacher: bool):
-    student_logits = _check_logits("student_logits" if require_teacher else "logits", student_logits)
+    student_logits = _checks.logits("student_logits" if require_teacher else "logits", student_logits)
     lead = tuple(student_logits.shape[:-1])
     v = student_logits.shape[-1]
     dev = student_logits.device
     if require_teacher:
-        teacher_logits = _check_logits("teacher_logits", teacher_logits)
+        teacher_logits = _checks.logits("teacher_logits", teacher_logits)
         if tuple(teacher_logits.shape[:-1]) != lead:
             raise ValueError(
                 f"teacher_logits leading dims {tuple(teacher_logits.shape[:-1])} do not match "
@@ -279,17 +267,19 @@ def _prepare(student_logits, teacher_logits, tokens, mask, temperature, require_
         if teacher_logits.requires_grad and torch.is_grad_enabled():
             raise ValueError("teacher_logits requires grad, but pyopd never differentiates the "
                              "teacher; pass teacher_logits.detach()")
-    tokens = _check_rows("tokens", tokens, lead, dev, "tokens")
-    mask = _check_rows("mask", mask, lead, dev, "mask")
-    t = _check_temperature(temperature)
+    tokens = _checks.leading("tokens", tokens, lead, dev, "tokens")
+    mask = _checks.leading("mask", mask, lead, dev, "mask")
+    t = _checks.temperature(temperature)  # a SymFloat under dynamic compile: checked in the op
     if tokens is not None:
-        _check_token_range(tokens, mask, v)
-        tokens = tokens.reshape(-1).to(torch.int64).contiguous()
+        tokens = _check_token_range(tokens, mask, v)
     if mask is not None:
         mask = mask.reshape(-1).contiguous()
     student_rows = _as_rows(student_logits)
     teacher_rows = _as_rows(teacher_logits) if require_teacher else None
-    return lead, student_rows, teacher_rows, tokens, mask, 1.0 / t
+    # While tracing, t may be a constant 0 (the check above returns it unchecked):
+    # inf then reaches the op, whose check rejects it at run time.
+    inv_t = 1.0 / t if t != 0 else math.inf
+    return lead, student_rows, teacher_rows, tokens, mask, inv_t
 
 
 def token_stats(
@@ -387,7 +377,7 @@ def reverse_kl_backward(
     lead, s_rows, t_rows, tokens, mask, inv_t = _prepare(
         student_logits, teacher_logits, tokens, mask, temperature, has_teacher)
     gd = student_logits.dtype if grad_dtype is None else grad_dtype
-    if gd not in _DTYPE_TAG:
+    if not isinstance(gd, torch.dtype) or gd not in _DTYPE_TAG:
         raise TypeError(f"grad_dtype must be float32, bfloat16, float16 or float64, got {gd}")
     if (gd == torch.float64) != (student_logits.dtype == torch.float64):
         raise TypeError("grad_dtype must be float64 exactly when student_logits is float64")
@@ -395,7 +385,7 @@ def reverse_kl_backward(
         raise ValueError("grad_kl needs teacher_logits")
     ups = []
     for name, g in (("grad_kl", grad_kl), ("grad_logprob", grad_logprob), ("grad_entropy", grad_entropy)):
-        g = _check_rows(name, g, lead, student_logits.device, "grad")
+        g = _checks.leading(name, g, lead, student_logits.device, "grad")
         ups.append(None if g is None else g.reshape(-1))
     with torch.no_grad():
         kl, hs, ht, lps, lpt, lses, lset, stats = _vocab_stats_fwd(s_rows, t_rows, tokens, mask, inv_t)
