@@ -243,6 +243,52 @@ def copsd_rewards(teacher_logprob, rollout_logprob, mask):
     return r
 
 
+def copsd_token_rewards(teacher_logprob, rollout_logprob, mask, outcome_rows: Sequence[int] = (),
+                        outcome_scores: Sequence[float] = ()):
+    """[C-gate] __call__: dense rows get `copsd_rewards`; an outcome row (data source in
+    OPSDGATE_OUTCOME_SOURCES) gets its judge score at its last valid position
+    (index valid_length - 1) and 0 elsewhere."""
+    r = copsd_rewards(teacher_logprob, rollout_logprob, mask)
+    for i, s in zip(outcome_rows, outcome_scores):
+        r[i] = 0.0
+        r[i, int(mask[i].sum()) - 1] = s
+    return r
+
+
+def copsd_advantages(token_rewards, mask, group_ids: Sequence, outcome_rows: Sequence[int] = (),
+                     eps: float = 1e-6):
+    """[C-algos] compute_grpo_opsdgate_advantage with outcome rows (`grpo_index`): an outcome row's
+    score is its reward row summed; per group, over the outcome rows only: mean, std = torch.std
+    if more than one row else 1.0; A = (score - mean) / (std + eps) at every position. The other
+    rows are pooled densely as in `copsd_dense_advantages` (outcome rows left out). Times the mask."""
+    outcome = set(outcome_rows)
+    scores: dict = {}
+    pooled: dict = {}
+    for i in range(mask.shape[0]):
+        if i in outcome:
+            scores.setdefault(group_ids[i], []).append(token_rewards[i].sum())
+        else:
+            pooled.setdefault(group_ids[i], []).append(token_rewards[i][mask[i] != 0])
+    o_stats = {}
+    for g, lst in scores.items():
+        st = torch.stack(lst)
+        o_stats[g] = (torch.mean(st), torch.std(st) if len(lst) > 1 else torch.tensor(1.0, dtype=st.dtype))
+    d_stats = {}
+    for g, parts in pooled.items():
+        toks = torch.cat(parts)
+        d_stats[g] = (torch.mean(toks),
+                      torch.std(toks) if toks.numel() > 1 else torch.tensor(1.0, dtype=token_rewards.dtype))
+    adv = torch.zeros_like(token_rewards)
+    for i in range(mask.shape[0]):
+        if i in outcome:
+            mean, std = o_stats[group_ids[i]]
+            adv[i] = (token_rewards[i].sum() - mean) / (std + eps)
+        else:
+            mean, std = d_stats[group_ids[i]]
+            adv[i] = (token_rewards[i] - mean) / (std + eps)
+    return adv * mask
+
+
 def copsd_dense_advantages(rewards, mask, group_ids: Sequence, eps: float = 1e-6):
     """[C-algos] compute_grpo_opsdgate_advantage, dense rows (no outcome rows): pool the valid
     rewards of every row of a group; mean; std = torch.std (ddof 1) if more than one token

@@ -321,6 +321,30 @@ def test_copsd_advantages_match_official(seed):
     assert float(ga.group_std[10]) == 1.0 and float(ga.advantage[10, 0]) == 0.0
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_copsd_outcome_rows_match_official(seed):
+    b, groups, mask, teacher, _ = copsd_batch(seed)
+    # outcome rows: two in group 0 (with a dense row beside them), one alone in group 5, both of group 1
+    rows = [0, 2, 3, 4, 13]
+    scores = [0.7, 0.2, 1.0, -1.0, 0.4]
+    o_rows = torch.zeros(b["B"], dtype=torch.bool)
+    o_rows[rows] = True
+    o_score = torch.zeros(b["B"], dtype=F64)
+    o_score[rows] = torch.tensor(scores, dtype=F64)
+    tok = official.copsd_token_rewards(teacher, b["rollout"], mask, rows, scores)
+    want = official.copsd_advantages(tok, mask, groups.tolist(), rows)
+    got = group_advantages_released(teacher, b["rollout"], mask, groups, outcome_rows=o_rows,
+                                    outcome_score=o_score).advantage
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert max_err(got[~nan], want[~nan]) <= TOL
+    assert float(got[13][mask[13] > 0].abs().max()) == 0.0  # a single outcome row: std 1, advantage 0
+    # without outcome rows the general reading is the dense one
+    dense = official.copsd_advantages(official.copsd_rewards(teacher, b["rollout"], mask), mask, groups.tolist())
+    ref = official.copsd_dense_advantages(official.copsd_rewards(teacher, b["rollout"], mask), mask, groups.tolist())
+    assert torch.equal(dense.isnan(), ref.isnan()) and max_err(dense[~ref.isnan()], ref[~ref.isnan()]) == 0.0
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("micro", [2, 7, "random"])
 def test_copsd_loss_and_grad_match_official(seed, micro):
@@ -422,6 +446,13 @@ def test_bad_input_names_the_argument():
         rollout_is_weights_released(b["old"], b["rollout"], mask, level="geo")
     with pytest.raises(ValueError, match="dual_clip"):
         opd_loss_released(b["logprob"], b["old"], lq, mask, micro_batch=2, dual_clip=0.5)
+    with pytest.raises(ValueError, match="outcome_rows and outcome_score"):
+        group_advantages_released(lq, b["rollout"], mask, torch.arange(b["B"]),
+                                  outcome_rows=torch.zeros(b["B"], dtype=torch.bool))
+    with pytest.raises(TypeError, match="outcome_score"):
+        group_advantages_released(lq, b["rollout"], mask, torch.arange(b["B"]),
+                                  outcome_rows=torch.zeros(b["B"], dtype=torch.bool),
+                                  outcome_score=torch.zeros(b["B"], dtype=torch.long))
     with pytest.raises(ValueError, match="batch_rows"):
         released_denominator(mask[:4], 3)
     ids, rows = micro_batch_ids(torch.tensor([7, 3, 7, 3, 9]), 5, torch.device("cpu"))

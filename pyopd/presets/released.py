@@ -117,6 +117,8 @@ def _rows(name: str, x, B: int, device: torch.device, *, kind: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if kind == "float" and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if kind == "bool" and x.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
     if x.dim() != 1 or x.shape[0] != B:
@@ -543,10 +545,12 @@ def group_advantages_released(
     clip_high: float = 5.0,
     bonus: float = 0.02,
     eps: float = 1e-6,
+    outcome_rows: Optional[torch.Tensor] = None,
+    outcome_score: Optional[torch.Tensor] = None,
     process_group=None,
     sync: Optional[bool] = None,
 ) -> GroupAdvantages:
-    """COPSD dense group advantages as released (same arguments as `pyopd.group_advantages`).
+    """COPSD group advantages as released (same arguments as `pyopd.group_advantages`, plus the outcome rows).
 
     r = clamp(log q - log p, clip_low, clip_high) + bonus at valid tokens (pass the
     rollout engine's log-probs as `student_logprob` to match the released reward);
@@ -557,13 +561,39 @@ def group_advantages_released(
     these statistics over the whole batch; here too (across ranks when
     torch.distributed is initialised, see `pyopd.group_advantages`).
 
-    Returns GroupAdvantages; group_std is the Bessel-corrected std (1.0 as above).
+    Outcome rows (the released code routes rollouts whose data source is listed in
+    OPSDGATE_OUTCOME_SOURCES to a judge): `outcome_rows` [B] bool marks them and
+    `outcome_score` [B] float holds their judge score (the released code uses -1 when
+    the judge call fails). They leave the dense pool; per group, their scores get a
+    scalar GRPO advantage (s - mean) / (std + eps) over the group's outcome rows (std
+    ddof 1, 1.0 for a single row), written at every valid token. This path is
+    single-process: it raises when the statistics would have to span ranks.
+
+    Returns GroupAdvantages; group_std is the Bessel-corrected std (1.0 as above);
+    for outcome rows reward_mean is the score and group_mean / group_std / group_count
+    describe the group's outcome rows.
     """
+    m = _mask(mask, teacher_logprob, "teacher_logprob")
+    B = m.shape[0]
+    if (outcome_rows is None) != (outcome_score is None):
+        raise ValueError("pass outcome_rows and outcome_score together")
+    if outcome_rows is not None:
+        _rows("outcome_rows", outcome_rows, B, m.device, kind="bool")
+        _rows("outcome_score", outcome_score, B, m.device, kind="float")
+        import torch.distributed as dist
+
+        multi_rank = sync is not False and dist.is_available() and dist.is_initialized() and \
+            dist.get_world_size(process_group) > 1
+        if multi_rank and bool(outcome_rows.any()):
+            raise NotImplementedError("outcome rows across ranks: call group_advantages_released on the gathered "
+                                      "batch (the released driver does) or pass sync=False")
+        dense_mask = m & ~outcome_rows.unsqueeze(1)
+    else:
+        dense_mask = m
     pooled = group_advantages(
-        teacher_logprob, student_logprob, mask, group_index, clip_low=clip_low, clip_high=clip_high,
+        teacher_logprob, student_logprob, dense_mask, group_index, clip_low=clip_low, clip_high=clip_high,
         bonus=bonus, eps=eps, process_group=process_group, sync=sync,
     )
-    m = _mask(mask, teacher_logprob, "teacher_logprob")
     dtype = pooled.advantage.dtype
     r = torch.clamp(teacher_logprob.detach().to(torch.float64) - student_logprob.detach().to(torch.float64),
                     float(clip_low), float(clip_high)) + float(bonus)
@@ -572,8 +602,26 @@ def group_advantages_released(
     std = torch.where(n > 1, pooled.group_std * torch.sqrt(n / (n - 1).clamp(min=1)), torch.ones_like(n))
     adv = torch.where(m, (r - pooled.group_mean.unsqueeze(1)) / (std + eps).unsqueeze(1), torch.zeros_like(r))
     adv = torch.where((n == 0).unsqueeze(1), torch.full_like(adv, math.nan), adv)
-    return GroupAdvantages(advantage=adv.to(dtype), reward_mean=pooled.reward_mean,
-                           group_mean=pooled.group_mean, group_std=std, group_count=pooled.group_count)
+    reward_mean, group_mean, count = pooled.reward_mean, pooled.group_mean, pooled.group_count
+    if outcome_rows is not None and bool(outcome_rows.any()):
+        o = outcome_rows
+        sc = outcome_score.detach().to(torch.float64)
+        inv = torch.unique(group_index.to(torch.int64), return_inverse=True)[1]
+        G = int(inv.max()) + 1
+        ones = o.to(torch.float64)
+        n_o = _segment_sum(ones, inv, G)
+        mean_o = _segment_sum(torch.where(o, sc, torch.zeros_like(sc)), inv, G) / n_o.clamp(min=1)
+        dev = torch.where(o, sc - mean_o[inv], torch.zeros_like(sc))
+        var_o = _segment_sum(dev * dev, inv, G) / (n_o - 1).clamp(min=1)
+        std_o = torch.where(n_o > 1, var_o.sqrt(), torch.ones_like(var_o))
+        a_o = (sc - mean_o[inv]) / (std_o[inv] + eps)
+        adv = torch.where(o.unsqueeze(1), torch.where(m, a_o.unsqueeze(1), torch.zeros_like(adv)), adv)
+        reward_mean = torch.where(o, sc, reward_mean)
+        group_mean = torch.where(o, mean_o[inv], group_mean)
+        std = torch.where(o, std_o[inv], std)
+        count = torch.where(o, n_o[inv].to(torch.int64), count)
+    return GroupAdvantages(advantage=adv.to(dtype), reward_mean=reward_mean,
+                           group_mean=group_mean, group_std=std, group_count=count)
 
 
 def k3_kl_released(logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
