@@ -356,7 +356,8 @@ def test_copsd_loss_and_grad_match_official(seed, micro):
     k3 = official.low_var_kl(b["logprob"].detach(), ref_lp)
     assert bool((k3[mask > 0] == 10.0).any())  # the [-10, 10] clamp is exercised
     lp = b["logprob"].detach().clone().requires_grad_(True)
-    loss, _ = copsd_loss_released(lp, b["old"], mask, advantages=ga.advantage, micro_batch=mb, ref_logprob=ref_lp)
+    loss, _ = copsd_loss_released(lp, b["old"], None, mask, advantages=ga.advantage, micro_batch=mb,
+                                  ref_logprob=ref_lp)
     loss.backward()
     lp_ref = b["logprob"].detach().clone().requires_grad_(True)
     ref = official.copsd_step(lp_ref, b["old"], adv_ref, ref_lp, mask, mgroups)
@@ -367,6 +368,36 @@ def test_copsd_loss_and_grad_match_official(seed, micro):
     # The official gradient is NaN on the rows of the all-empty group (NaN advantage x 0); ours is 0.
     assert bool(lp_ref.grad[8:10].isnan().any())
     assert bool(lp.grad.isfinite().all()) and bool((lp.grad[8:10] == 0).all())
+    # Advantages computed inside from the rollout log-probs: the same loss.
+    loss2, _ = copsd_loss_released(b["logprob"], b["old"], teacher, mask, groups, micro_batch=mb,
+                                   rollout_logprob=b["rollout"], ref_logprob=ref_lp)
+    assert abs(val(loss2) - val(ref)) <= TOL
+
+
+def test_released_losses_per_micro_batch_sum_to_the_whole_batch():
+    b, groups, mask, teacher, ref_lp = copsd_batch(3)
+    B = b["B"]
+    ga = group_advantages_released(teacher, b["rollout"], mask, groups)
+    sig = fire_signals_released(teacher, mask, teacher_entropy=b["ht"][0], student_entropy=b["hs"], micro_batch=4)
+    whole = {
+        "copsd": copsd_loss_released(b["logprob"], b["old"], None, mask, advantages=ga.advantage, micro_batch=4,
+                                     ref_logprob=ref_lp)[0],
+        "fire": fire_opd_loss_released(b["logprob"], b["old"], teacher, mask, keep=sig.keep, weight=sig.weight,
+                                       micro_batch=4)[0],
+        "opd": opd_loss_released(b["logprob"], b["old"], teacher, mask, micro_batch=4)[0],
+    }
+    parts = dict.fromkeys(whole, 0.0)
+    for s in range(0, B, 4):
+        g = slice(s, s + 4)
+        n = len(range(B)[g])
+        parts["copsd"] += val(copsd_loss_released(b["logprob"][g], b["old"][g], None, mask[g], advantages=ga.advantage[g],
+                                                  micro_batch=n, batch_rows=B, ref_logprob=ref_lp[g])[0])
+        parts["fire"] += val(fire_opd_loss_released(b["logprob"][g], b["old"][g], teacher[g], mask[g], keep=sig.keep[g],
+                                                    weight=sig.weight[g], micro_batch=n, batch_rows=B)[0])
+        parts["opd"] += val(opd_loss_released(b["logprob"][g], b["old"][g], teacher[g], mask[g], micro_batch=n,
+                                              batch_rows=B)[0])
+    for k in whole:
+        assert abs(parts[k] - val(whole[k])) <= 1e-12, k
 
 
 def test_k3_released_clamps_and_cuts_the_gradient():
@@ -455,5 +486,10 @@ def test_bad_input_names_the_argument():
                                   outcome_score=torch.zeros(b["B"], dtype=torch.long))
     with pytest.raises(ValueError, match="batch_rows"):
         released_denominator(mask[:4], 3)
+    with pytest.raises(ValueError, match="batch_rows"):
+        aggregate_released(mask[:4], mask[:4], 2, batch_rows=3)
+    with pytest.raises(ValueError, match="advantages or group_index"):
+        copsd_loss_released(b["logprob"], b["old"], lq, mask, torch.arange(b["B"]), micro_batch=2,
+                            advantages=torch.zeros_like(lq))
     ids, rows = micro_batch_ids(torch.tensor([7, 3, 7, 3, 9]), 5, torch.device("cpu"))
     assert ids.tolist() == [1, 0, 1, 0, 2] and rows.tolist() == [2, 2, 1]

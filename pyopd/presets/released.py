@@ -212,21 +212,35 @@ def _segment_quantile(score: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor
 # ---- aggregation --------------------------------------------------------------------
 
 
-def aggregate_released(per_token_loss: torch.Tensor, mask: Optional[torch.Tensor], micro_batch: MicroBatch) -> torch.Tensor:
+def aggregate_released(
+    per_token_loss: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    micro_batch: MicroBatch,
+    *,
+    batch_rows: Optional[int] = None,
+) -> torch.Tensor:
     """The scalar whose gradient verl's update step applies: sum_m (b_m / B) * token-mean_m.
 
-    per_token_loss: [B, T]; mask: [B, T] positions that count (None = all);
+    per_token_loss: [N, T]; mask: [N, T] positions that count (None = all);
     token-mean_m = sum over micro-batch m's masked positions / (their count + 1e-8);
-    b_m = rows of micro-batch m, B = rows of the call (one rank's mini-batch;
-    with equal shards per rank, the ranks' gradient average gives the same
-    formula over all ranks' rows). For equal micro-batches this is the mean of
-    per-micro-batch token means. Masked positions are never read (NaN there is
-    ignored). Differentiable.
+    b_m = rows of micro-batch m; B = `batch_rows`, the rows of the mini-batch
+    (default: N, the call holds the whole mini-batch of one rank; with equal
+    shards per rank, the ranks' gradient average gives the same formula over
+    all ranks' rows). To call once per micro-batch, pass that micro-batch's rows
+    with micro_batch=N and batch_rows=B: the calls then sum to the whole-batch
+    value. For equal micro-batches this is the mean of per-micro-batch token
+    means. Masked positions are never read (NaN there is ignored). Differentiable.
     """
     _check_2d("per_token_loss", per_token_loss)
     m = _mask(mask, per_token_loss, "per_token_loss")
-    B = per_token_loss.shape[0]
-    ids, rows = micro_batch_ids(micro_batch, B, per_token_loss.device)
+    N = per_token_loss.shape[0]
+    if batch_rows is None:
+        B = N
+    elif isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < max(N, 1):
+        raise ValueError(f"batch_rows must be an int >= the rows of the call ({N}), got {batch_rows!r}")
+    else:
+        B = batch_rows
+    ids, rows = micro_batch_ids(micro_batch, N, per_token_loss.device)
     M = rows.numel()
     zero = torch.zeros((), dtype=per_token_loss.dtype, device=per_token_loss.device)
     num = _segment_sum(torch.where(m, per_token_loss, zero).sum(-1), ids, M)
@@ -446,6 +460,7 @@ def fire_opd_loss_released(
     keep: torch.Tensor,
     weight: torch.Tensor,
     micro_batch: MicroBatch,
+    batch_rows: Optional[int] = None,
     teacher_index: Optional[torch.Tensor] = None,
     clip_ratio: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -456,6 +471,7 @@ def fire_opd_loss_released(
     logprob: [B, T] with grad; old_logprob: [B, T] or None (= logprob.detach(), verl's
     on-policy case); teacher_logprob: [B, T] or [K, B, T] with teacher_index; keep [B]
     and weight [B, T] from `fire_signals_released` with the same `micro_batch`.
+    `batch_rows`: see `aggregate_released` (for calls on one micro-batch's slices).
     """
     _check_2d("logprob", logprob)
     B = logprob.shape[0]
@@ -470,7 +486,7 @@ def fire_opd_loss_released(
     # Positions outside the loss get A = 0, so a NaN there cannot reach the gradient.
     adv = torch.where(live, weight.detach().to(old.dtype) * (lq.to(old.dtype) - old), zero)
     per_tok = ppo_token_loss_released(logprob, old, adv, clip_ratio=clip_ratio)
-    loss = aggregate_released(per_tok, live, micro_batch)
+    loss = aggregate_released(per_tok, live, micro_batch, batch_rows=batch_rows)
     return loss, _floats({"loss": loss.detach(), "num_tokens": live.sum(),
                           "keep_ratio": keep.to(torch.float64).mean() if B else 0.0})
 
@@ -485,6 +501,7 @@ def opd_loss_released(
     mask: Optional[torch.Tensor] = None,
     *,
     micro_batch: MicroBatch,
+    batch_rows: Optional[int] = None,
     rollout_is_weights: Optional[torch.Tensor] = None,
     clip_ratio: float = 0.2,
     dual_clip: Optional[float] = 3.0,
@@ -506,7 +523,7 @@ def opd_loss_released(
     isw = None if rollout_is_weights is None else torch.where(m, rollout_is_weights.detach().to(old.dtype), zero)
     per_tok = ppo_token_loss_released(logprob, old, adv, clip_ratio=clip_ratio, dual_clip=dual_clip,
                                       rollout_is_weights=isw)
-    loss = aggregate_released(per_tok, m, micro_batch)
+    loss = aggregate_released(per_tok, m, micro_batch, batch_rows=batch_rows)
     return loss, _floats({"loss": loss.detach(), "num_tokens": m.sum()})
 
 
@@ -634,35 +651,66 @@ def k3_kl_released(logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Te
 def copsd_loss_released(
     logprob: torch.Tensor,
     old_logprob: Optional[torch.Tensor],
+    teacher_logprob: Optional[torch.Tensor],
     mask: Optional[torch.Tensor] = None,
+    group_index: Optional[torch.Tensor] = None,
     *,
-    advantages: torch.Tensor,
     micro_batch: MicroBatch,
+    batch_rows: Optional[int] = None,
+    advantages: Optional[torch.Tensor] = None,
+    rollout_logprob: Optional[torch.Tensor] = None,
     ref_logprob: Optional[torch.Tensor] = None,
     kl_coef: float = 0.005,
+    reward_clip: tuple[float, float] = (-3.0, 5.0),
+    reward_bonus: float = 0.02,
+    adv_eps: float = 1e-6,
     clip_ratio: float = 0.2,
     dual_clip: Optional[float] = 3.0,
     rollout_is_weights: Optional[torch.Tensor] = None,
+    process_group=None,
+    sync: Optional[bool] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The released COPSD actor loss of a mini-batch: vanilla PPO (dual clip 3) on
-    `advantages` ([B, T] from `group_advantages_released`) + kl_coef * `k3_kl_released`
-    to `ref_logprob`, each a token mean per micro-batch, combined by `aggregate_released`.
-    NaN advantages at masked positions are ignored (see the module doc)."""
+    """The released COPSD actor loss (arguments as `pyopd.losses.copsd_loss`, plus `micro_batch`).
+
+    Vanilla PPO (dual clip 3) on the group advantages + kl_coef * `k3_kl_released` to
+    `ref_logprob`, each a token mean per micro-batch, combined by `aggregate_released`
+    (`batch_rows` as there). Advantages: `advantages` [B, T] precomputed on the whole
+    batch with `group_advantages_released` (the micro-batch path), or computed here from
+    `teacher_logprob` and `group_index` with the reward's student side taken from
+    `rollout_logprob` (the inference engine's log-probs, as released; default
+    old_logprob). NaN advantages at masked positions are ignored (see the module doc).
+    """
     _check_2d("logprob", logprob)
     old = logprob.detach() if old_logprob is None else old_logprob.detach()
     _check_2d("old_logprob", old, logprob, "logprob")
-    _check_2d("advantages", advantages, logprob, "logprob")
     m = _mask(mask, logprob, "logprob")
     kl_coef = _number("kl_coef", kl_coef, lo=0.0)
+    metrics: dict = {}
+    if advantages is None:
+        if teacher_logprob is None or group_index is None:
+            raise ValueError("copsd_loss_released needs teacher_logprob and group_index, or precomputed advantages")
+        if not (isinstance(reward_clip, (tuple, list)) and len(reward_clip) == 2):
+            raise ValueError(f"reward_clip must be a (low, high) pair, got {reward_clip!r}")
+        student = old if rollout_logprob is None else rollout_logprob
+        _check_2d("rollout_logprob", student, logprob, "logprob")
+        ga = group_advantages_released(
+            teacher_logprob, student, m, group_index, clip_low=reward_clip[0], clip_high=reward_clip[1],
+            bonus=reward_bonus, eps=adv_eps, process_group=process_group, sync=sync,
+        )
+        advantages = ga.advantage
+        metrics["group_std_mean"] = ga.group_std[m.any(-1)].mean() if bool(m.any()) else 0.0
+    elif group_index is not None:
+        raise ValueError("pass either advantages or group_index, not both")
+    _check_2d("advantages", advantages, logprob, "logprob")
     zero = torch.zeros((), dtype=old.dtype, device=old.device)
     adv = torch.where(m, advantages.detach().to(old.dtype), zero)
     per_tok = ppo_token_loss_released(logprob, old, adv, clip_ratio=clip_ratio, dual_clip=dual_clip,
                                       rollout_is_weights=rollout_is_weights)
-    metrics: dict = {"num_tokens": m.sum()}
+    metrics["num_tokens"] = m.sum()
     if ref_logprob is not None:
         _check_2d("ref_logprob", ref_logprob, logprob, "logprob")
         # Both terms are token means over the same micro-batch, so they aggregate as one.
         per_tok = per_tok + kl_coef * k3_kl_released(logprob, ref_logprob.to(logprob.dtype))
-    loss = aggregate_released(per_tok, m, micro_batch)
+    loss = aggregate_released(per_tok, m, micro_batch, batch_rows=batch_rows)
     metrics["loss"] = loss.detach()
     return loss, _floats(metrics)
