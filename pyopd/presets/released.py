@@ -11,7 +11,9 @@ without changing how it calls them:
   quantile, the entropy maxima and the weight mean are taken PER MICRO-BATCH
   (the official loss function runs once per micro-batch of one rank), with
   `torch.quantile`'s linear interpolation, one ranking and one max H_t over all
-  teachers, empty rollouts scored 0 and counted.
+  teachers, empty rollouts scored 0 and counted. With the shipped scripts'
+  micro-batch of one rollout the filter keeps everything and each rollout's
+  weights are normalised by its own maxima and mean.
 - Aggregation (`aggregate_released`): a token mean per micro-batch, each
   weighted by its share of the mini-batch's rows (verl's gradient-accumulation
   scale), plus verl's 1e-8 in the divisor.
@@ -42,7 +44,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from pyopd.ops.signals import GroupAdvantages, group_advantages
+from pyopd.ops import GroupAdvantages, group_advantages
 
 __all__ = [
     "ReleasedFireSignals",
