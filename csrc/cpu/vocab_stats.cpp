@@ -1,6 +1,14 @@
 // CPU entry points: run the widest instruction-set build of the kernels
 // (vocab_stats_impl.h, compiled once per ISA) that this processor supports.
 // The default build stays portable: no -march=native anywhere.
+#include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "pyopd/runtime.h"
 #include "pyopd/vocab_stats.h"
 
@@ -22,7 +30,7 @@ namespace {
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-Isa detect() {
+Isa widest_supported() {
 #ifdef PYOPD_CPU_X86_DISPATCH
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -34,9 +42,63 @@ Isa detect() {
   return Isa::kBaseline;
 }
 
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+// The widest path by default; PYOPD_CPU_ISA=avx512|avx2|baseline picks one
+// (read at every call, so a process can compare paths). An unknown value, or
+// a path this CPU or build lacks, is an error rather than a silent fallback.
 Isa selected() {
-  static const Isa isa = detect();
+  static const Isa widest = widest_supported();
+  const char* env = std::getenv("PYOPD_CPU_ISA");
+  if (env == nullptr || *env == '\0') return widest;
+  const std::string want(env);
+  Isa isa;
+  if (want == "avx512") {
+    isa = Isa::kAvx512;
+  } else if (want == "avx2") {
+    isa = Isa::kAvx2;
+  } else if (want == "baseline") {
+    isa = Isa::kBaseline;
+  } else {
+    throw std::invalid_argument("PYOPD_CPU_ISA=" + want +
+                                " is not one of avx512, avx2, baseline (or unset for the widest)");
+  }
+  if (static_cast<int>(isa) > static_cast<int>(widest)) {
+    throw std::invalid_argument(std::string("PYOPD_CPU_ISA=") + want + ": this CPU (or build) " +
+                                "supports at most " + isa_name(widest) +
+                                " (compiled paths: " + cpu_isa_compiled() + ")");
+  }
   return isa;
+}
+
+#ifdef __linux__
+// Asks for transparent huge pages on a large, freshly allocated output (the
+// gradient is as big as the logits): first-touch faults on 4 KiB pages cost
+// about as much as the kernel itself. Advice only, limited to the whole 2 MiB
+// pages inside [p, p + bytes); ignored where THP is off.
+void advise_huge_pages(void* p, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+}
+#else
+void advise_huge_pages(void*, size_t) {}
+#endif
+
+size_t dtype_size(DType d) {
+  switch (d) {
+    case DType::kFloat64: return 8;
+    case DType::kFloat32: return 4;
+    default: return 2;
+  }
 }
 
 }  // namespace
@@ -49,13 +111,7 @@ const char* cpu_isa_compiled() {
 #endif
 }
 
-const char* cpu_isa_in_use() {
-  switch (selected()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "baseline";
-  }
-}
+const char* cpu_isa_in_use() { return isa_name(selected()); }
 
 const char* vocab_stats_fwd_cpu(const VocabStatsFwdParams& p) {
   switch (selected()) {
@@ -68,7 +124,12 @@ const char* vocab_stats_fwd_cpu(const VocabStatsFwdParams& p) {
 }
 
 const char* vocab_stats_bwd_cpu(const VocabStatsBwdParams& p) {
-  switch (selected()) {
+  const Isa isa = selected();
+  if (p.grad_student != nullptr) {
+    advise_huge_pages(p.grad_student,
+                      static_cast<size_t>(p.n_rows * p.vocab) * dtype_size(p.grad_dtype));
+  }
+  switch (isa) {
 #ifdef PYOPD_CPU_X86_DISPATCH
     case Isa::kAvx512: return cpu_avx512::vocab_stats_bwd(p);
     case Isa::kAvx2: return cpu_avx2::vocab_stats_bwd(p);

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -33,43 +34,112 @@ namespace {
 
 using cpu::load_as_float;
 
-constexpr int64_t kTile = 512;
+// A tile of student and teacher logits (2 x 8 KiB in float) stays in L1 between
+// the max pass and the exp pass; long tiles amortise the per-tile rebase.
+constexpr int64_t kTile = 2048;
+// Rows per dynamic-scheduling chunk: a row is >= 64 KiB at the sizes that go
+// parallel, so 2 rows amortise the scheduler and keep the tail short on a
+// busy machine.
+constexpr int64_t kRowChunk = 2;
 // Below this many logits a parallel region costs more than it saves (waking
 // the pool can take milliseconds on a loaded machine).
 constexpr int64_t kParallelMinElems = int64_t(1) << 16;
 
 // The exp must be inlined into the SIMD loops: called out of line it runs one
 // lane at a time (seen in perf as 60% of the forward in a scalar `vexp`).
+// The hot loops (load_tile, tile_sums, tile_sums_joint, grad_span) are kept
+// out of line: one call per tile or row costs nothing, and each then has its
+// own entry in GCC's vectoriser report, which tests/test_vectorization.py
+// reads to check that every one is vectorised on every ISA.
 #if defined(__GNUC__)
 #define PYOPD_ALWAYS_INLINE inline __attribute__((always_inline))
+#define PYOPD_HOT_LOOP __attribute__((noinline, noclone))
 #else
 #define PYOPD_ALWAYS_INLINE inline
+#define PYOPD_HOT_LOOP
 #endif
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
+// Fused multiply-add where the ISA has one. The kernel files are built with
+// -ffp-contract=off so that every other rounding is the written one (the
+// scaled logit z = x * (1/T) in particular, see load_tile); the exp keeps its
+// FMAs explicitly.
+static PYOPD_ALWAYS_INLINE float madd(float a, float b, float c) {
+#if defined(__FMA__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+// float64 is the checking path: plain rounding.
+static PYOPD_ALWAYS_INLINE double madd(double a, double b, double c) { return a * b + c; }
+
+// Below this, vexp gives exactly 0 (float: e^-87.34 is the smallest normal).
+// Arguments are clamped to kFlush before use, so an exp that is 0 is always
+// multiplied by a finite number: e * d is 0, never 0 * inf = NaN, and the loop
+// bodies need no branch (a branch around a possibly trapping multiply is what
+// keeps GCC from if-converting, hence vectorising, without masked stores).
+template <typename Acc> struct Lim;
+template <> struct Lim<float> {
+  static constexpr float kFlush = -88.0f;
+};
+template <> struct Lim<double> {
+  static constexpr double kFlush = -746.0;  // std::exp(-746) == 0
+};
+
+// c ? a : b as a bitwise blend. A `?:` on floats is gimplified into a branch;
+// with -ftrapping-math (the default, and we keep IEEE semantics) GCC may then
+// duplicate arithmetic into the arms, and a possibly trapping operation under
+// control flow blocks if-conversion, hence vectorisation, on every ISA without
+// masked operations (SSE2, AVX2). A blend has no control flow to begin with.
+static PYOPD_ALWAYS_INLINE float sel(bool c, float a, float b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return cpu::bits_to_float((cpu::float_to_bits(a) & m) | (cpu::float_to_bits(b) & ~m));
+}
+static PYOPD_ALWAYS_INLINE double sel(bool c, double a, double b) {
+  const uint64_t m = uint64_t(0) - static_cast<uint64_t>(c);
+  uint64_t ua, ub;
+  std::memcpy(&ua, &a, 8);
+  std::memcpy(&ub, &b, 8);
+  const uint64_t u = (ua & m) | (ub & ~m);
+  double out;
+  std::memcpy(&out, &u, 8);
+  return out;
+}
+
+// max(d, kFlush) that lets NaN through (the comparison is false for NaN).
+template <typename Acc>
+static PYOPD_ALWAYS_INLINE Acc flush_lo(Acc d) { return sel(d < Lim<Acc>::kFlush, Lim<Acc>::kFlush, d); }
+// A -inf log-prob replaced by 0: only used where its weight p_j is 0, or in
+// rows whose result is overridden (+inf KL), so the value never shows.
+template <typename Acc>
+static PYOPD_ALWAYS_INLINE Acc finite_or_zero(Acc d) {
+  return sel(d == -std::numeric_limits<Acc>::infinity(), Acc(0), d);
+}
+
 // exp(x) in float, vectorisable: Cody-Waite reduction by ln 2 and a degree-7
 // Taylor polynomial (relative error ~2 ulp). Exactly 0 below -87.3 (so -inf
-// gives 0) and NaN for NaN.
+// gives 0) and NaN for NaN. Branch-free: only selects between computed values.
 static PYOPD_ALWAYS_INLINE float vexp(float x) {
   const float lo = -87.33654f, hi = 88.0f;
-  float xc = x < lo ? lo : x;  // comparisons with NaN are false: NaN passes
-  xc = xc > hi ? hi : xc;
+  float xc = sel(x < lo, lo, x);  // comparisons with NaN are false: NaN passes
+  xc = sel(xc > hi, hi, xc);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = xc * 1.44269504088896341f + shifter;
+  const float t = madd(xc, 1.44269504088896341f, shifter);
   const float n = t - shifter;
   const int32_t ni = static_cast<int32_t>(cpu::float_to_bits(t) - cpu::float_to_bits(shifter));
-  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  const float r = madd(-n, 1.428606765330187e-06f, madd(-n, 0.693145751953125f, xc));
   float poly = 1.0f / 5040.0f;
-  poly = poly * r + 1.0f / 720.0f;
-  poly = poly * r + 1.0f / 120.0f;
-  poly = poly * r + 1.0f / 24.0f;
-  poly = poly * r + 1.0f / 6.0f;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
+  poly = madd(poly, r, 1.0f / 720.0f);
+  poly = madd(poly, r, 1.0f / 120.0f);
+  poly = madd(poly, r, 1.0f / 24.0f);
+  poly = madd(poly, r, 1.0f / 6.0f);
+  poly = madd(poly, r, 0.5f);
+  poly = madd(poly, r, 1.0f);
+  poly = madd(poly, r, 1.0f);
   const float scale = cpu::bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
   const float res = poly * scale;
-  return x < lo ? 0.0f : res;
+  return sel(x < lo, 0.0f, res);
 }
 static PYOPD_ALWAYS_INLINE double vexp(double x) { return std::exp(x); }
 
@@ -113,12 +183,15 @@ struct Tile {
 };
 
 // Converts n <= kTile logits to Acc, scaled by 1/T; returns their max
-// (NaN-insensitive; NaN reaches the sums through exp(NaN)).
+// (NaN-insensitive; NaN reaches the sums through exp(NaN)). z = x * (1/T) is
+// rounded on its own (no FMA contraction in these files), so every later
+// use of z_j, e.g. the sampled token's log-prob, sees the same value and
+// z_j - max <= 0 holds exactly.
 template <typename T, typename Acc>
-static inline Acc load_tile(const T* row, int64_t j0, int64_t n, Acc inv_t, Acc* out) {
+PYOPD_HOT_LOOP static Acc load_tile(const T* row, int64_t j0, int64_t n, Acc inv_t, Acc* out) {
   Acc mx = -std::numeric_limits<Acc>::infinity();
 #pragma omp simd reduction(max : mx)
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {  // vec-loop: load_tile
     const Acc x = load_acc(row, j0 + i) * inv_t;
     out[i] = x;
     mx = std::max(mx, x);
@@ -128,47 +201,57 @@ static inline Acc load_tile(const T* row, int64_t j0, int64_t n, Acc inv_t, Acc*
 
 // Sums of one distribution over a tile already shifted by max m (finite).
 template <typename Acc>
-static inline void tile_sums(const Acc* x, int64_t n, Acc m, double& Z, double& A) {
+PYOPD_HOT_LOOP static void tile_sums(const Acc* x, int64_t n, Acc m, double& Z, double& A) {
   Acc z = 0, a = 0;
 #pragma omp simd reduction(+ : z, a)
-  for (int64_t i = 0; i < n; ++i) {
-    const Acc d = x[i] - m;
+  for (int64_t i = 0; i < n; ++i) {  // vec-loop: tile_sums
+    const Acc d = flush_lo(x[i] - m);  // -inf -> kFlush: e = 0 and e * d = 0
     const Acc e = vexp(d);
     z += e;
-    a += e > 0 ? e * d : Acc(0);
+    a += e * d;
   }
   Z += z;
   A += a;
 }
 
-// Joint sums over a tile of student x and teacher y (both j < V).
+// Joint sums over a tile of student x and teacher y (both j < V). `hole` is
+// the max student logit over ids where the teacher logit is -inf: when it is
+// > -inf the student's support is not inside the teacher's and KL = +inf,
+// whether or not that student mass underflows in float.
 template <typename Acc>
-static inline void tile_sums_joint(const Acc* x, const Acc* y, int64_t n, Acc ms, Acc mt,
-                                   Running& s, Running& t, double& D) {
-  Acc zs = 0, as = 0, zt = 0, at = 0, dd = 0;
-#pragma omp simd reduction(+ : zs, as, zt, at, dd)
-  for (int64_t i = 0; i < n; ++i) {
-    const Acc dx = x[i] - ms;
-    const Acc dy = y[i] - mt;
+PYOPD_HOT_LOOP static void tile_sums_joint(const Acc* x, const Acc* y, int64_t n, Acc ms, Acc mt,
+                                   Running& s, Running& t, double& D, Acc& hole) {
+  constexpr Acc kInf = std::numeric_limits<Acc>::infinity();
+  Acc zs = 0, as = 0, zt = 0, at = 0, dd = 0, h = hole;
+#pragma omp simd reduction(+ : zs, as, zt, at, dd) reduction(max : h)
+  for (int64_t i = 0; i < n; ++i) {  // vec-loop: tile_sums_joint
+    const Acc dx = flush_lo(x[i] - ms);
+    const Acc dy_raw = y[i] - mt;
+    const Acc dy = flush_lo(dy_raw);
     const Acc es = vexp(dx);
     const Acc et = vexp(dy);
     zs += es;
     zt += et;
-    as += es > 0 ? es * dx : Acc(0);
-    at += et > 0 ? et * dy : Acc(0);
-    dd += es > 0 ? es * (dx - dy) : Acc(0);
+    as += es * dx;
+    at += et * dy;
+    // Where es == 0 the factor is finite (a -inf teacher logit reads as 0), so
+    // the term is 0; where es > 0 and the teacher is -inf the row is a hole.
+    dd += es * (dx - finite_or_zero(dy_raw));
+    h = std::max(h, sel(y[i] == -kInf, x[i], -kInf));
   }
   s.Z += zs;
   s.A += as;
   t.Z += zt;
   t.A += at;
   D += dd;
+  hole = h;
 }
 
 // A finite stand-in for the max of an all -inf prefix: exp(-inf - 0) = 0.
 static inline double shift_of(const Running& r) { return r.empty() ? 0.0 : r.m; }
 
 static inline double nonneg(double v) { return v < 0 ? 0.0 : v; }  // keeps NaN
+static inline double nonpos(double v) { return v > 0 ? 0.0 : v; }  // keeps NaN
 
 // Moves the cross term D (kept in the student's scale, shifted by the current
 // maxima) to new maxima: a larger m_t adds (m_t' - m_t) to every term; a larger
@@ -200,10 +283,51 @@ static inline void write_zeros_fwd(const VocabStatsFwdParams& p, int64_t r, bool
   }
 }
 
+template <typename T>
+static bool row_has_nan(const T* row, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(load_acc(row, j))) return true;
+  }
+  return false;
+}
+
+// Per-row results of one distribution, with PyTorch's non-finite semantics:
+// a +inf logit gives lse = +inf (NaN if the row also has a NaN) and NaN
+// entropy / log-probs; an all -inf row gives lse = -inf and NaN for the rest
+// (log_softmax's -inf - -inf).
+struct RowResult {
+  double lse, log_z, entropy;
+  bool finite;  // lse finite: log-probs and entropy are meaningful
+};
+
+template <typename T>
+static RowResult finish_row(const Running& r, const T* row, int64_t n) {
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  const double log_z = std::log(r.Z);
+  RowResult out{r.m + log_z, log_z, nonneg(log_z - r.A / r.Z), true};
+  if (r.m == std::numeric_limits<double>::infinity()) {
+    out.lse = row_has_nan(row, n) ? kNaN : r.m;
+    out.log_z = out.entropy = kNaN;
+  }
+  out.finite = std::isfinite(out.lse);
+  if (!out.finite) out.entropy = kNaN;
+  return out;
+}
+
+// log p(y) from the scaled logit z_y (rounded as in load_tile); <= 0 always.
+template <typename T, typename Acc>
+static inline double row_logprob(const T* row, int64_t y, Acc inv_t, double m, const RowResult& rr) {
+  if (!rr.finite) return std::numeric_limits<double>::quiet_NaN();
+  const Acc z = load_acc(row, y) * inv_t;
+  return nonpos((static_cast<double>(z) - m) - rr.log_z);
+}
+
 template <typename Ts, typename Tt, bool kTeacher>
 void fwd_rows(const VocabStatsFwdParams& p) {
   using Acc = typename AccOf<Ts>::type;
   using Out = Acc;
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  constexpr double kInf = std::numeric_limits<double>::infinity();
   const auto* S = static_cast<const Ts*>(p.student);
   const auto* Tch = static_cast<const Tt*>(p.teacher);
   const int64_t V = p.vocab, Vt = kTeacher ? p.teacher_vocab : 0;
@@ -212,7 +336,7 @@ void fwd_rows(const VocabStatsFwdParams& p) {
 #pragma omp parallel if (p.n_rows * (V + Vt) >= kParallelMinElems)
   {
     Tile<Acc> xs, ys;
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, kRowChunk)
     for (int64_t r = 0; r < p.n_rows; ++r) {
       if (p.mask != nullptr && !p.mask[r]) {
         write_zeros_fwd<Out>(p, r, kTeacher);
@@ -222,6 +346,7 @@ void fwd_rows(const VocabStatsFwdParams& p) {
       const Tt* trow = kTeacher ? Tch + r * p.teacher_row_stride : nullptr;
       Running s, t;
       double D = 0.0;
+      Acc hole = -std::numeric_limits<Acc>::infinity();
       for (int64_t j0 = 0; j0 < V; j0 += kTile) {
         const int64_t n = std::min(kTile, V - j0);
         const double new_ms = std::max<double>(s.m, load_tile(srow, j0, n, inv_t, xs.v));
@@ -231,7 +356,7 @@ void fwd_rows(const VocabStatsFwdParams& p) {
           rebase(s, new_ms);
           rebase(t, new_mt);
           tile_sums_joint(xs.v, ys.v, n, static_cast<Acc>(shift_of(s)),
-                          static_cast<Acc>(shift_of(t)), s, t, D);
+                          static_cast<Acc>(shift_of(t)), s, t, D, hole);
         } else {
           rebase(s, new_ms);
           tile_sums(xs.v, n, static_cast<Acc>(shift_of(s)), s.Z, s.A);
@@ -250,49 +375,69 @@ void fwd_rows(const VocabStatsFwdParams& p) {
       // under torch.compile it cannot): a negative id gives 0, one >= V NaN.
       const int64_t y = p.tokens != nullptr ? p.tokens[r] : -1;
       const bool y_in = y >= 0 && y < V;
-      const double y_nan = y >= V ? std::numeric_limits<double>::quiet_NaN() : 0.0;
-      const double log_zs = std::log(s.Z);
-      static_cast<Out*>(p.student_entropy)[r] = static_cast<Out>(nonneg(log_zs - s.A / s.Z));
-      static_cast<Out*>(p.student_lse)[r] = static_cast<Out>(s.m + log_zs);
+      const double y_nan = y >= V ? kNaN : 0.0;
+      const RowResult rs = finish_row(s, srow, V);
+      static_cast<Out*>(p.student_entropy)[r] = static_cast<Out>(rs.entropy);
+      static_cast<Out*>(p.student_lse)[r] = static_cast<Out>(rs.lse);
       static_cast<Out*>(p.student_logprob)[r] =
-          !y_in ? static_cast<Out>(y_nan)
-                : static_cast<Out>((load_acc(srow, y) * inv_t - static_cast<Acc>(s.m)) - log_zs);
+          static_cast<Out>(y_in ? row_logprob(srow, y, inv_t, s.m, rs) : y_nan);
       Out* st = static_cast<Out*>(p.stats) + 4 * r;
       st[0] = static_cast<Out>(s.m);
-      st[1] = static_cast<Out>(log_zs);
+      st[1] = static_cast<Out>(rs.log_z);
       st[2] = st[3] = 0;
       if constexpr (kTeacher) {
-        const double log_zt = std::log(t.Z);
-        static_cast<Out*>(p.teacher_entropy)[r] = static_cast<Out>(nonneg(log_zt - t.A / t.Z));
-        static_cast<Out*>(p.teacher_lse)[r] = static_cast<Out>(t.m + log_zt);
+        const RowResult rt = finish_row(t, trow, Vt);
+        static_cast<Out*>(p.teacher_entropy)[r] = static_cast<Out>(rt.entropy);
+        static_cast<Out*>(p.teacher_lse)[r] = static_cast<Out>(rt.lse);
         static_cast<Out*>(p.teacher_logprob)[r] =
-            !y_in ? static_cast<Out>(y_nan)
-                  : static_cast<Out>((load_acc(trow, y) * inv_t - static_cast<Acc>(t.m)) - log_zt);
-        static_cast<Out*>(p.kl)[r] = static_cast<Out>(nonneg(D / s.Z - log_zs + log_zt));
+            static_cast<Out>(y_in ? row_logprob(trow, y, inv_t, t.m, rt) : y_nan);
+        // KL: NaN unless the student's lse is finite and the teacher's is
+        // finite or -inf; +inf when the student has support where the teacher
+        // has none; else the sum, which is >= 0.
+        double kl;
+        if (!rs.finite || std::isnan(rt.lse) || rt.lse == kInf) {
+          kl = kNaN;
+        } else if (hole > -std::numeric_limits<Acc>::infinity()) {
+          kl = kInf;
+        } else {
+          kl = nonneg(D / s.Z - rs.log_z + rt.log_z);
+        }
+        static_cast<Out*>(p.kl)[r] = static_cast<Out>(kl);
         st[2] = static_cast<Out>(t.m);
-        st[3] = static_cast<Out>(log_zt);
+        st[3] = static_cast<Out>(rt.log_z);
       }
     }
   }
 }
 
 template <typename G>
-static inline void store_grad(G* out, int64_t i, float v) { cpu::store_from_float(out, i, v); }
-static inline void store_grad(double* out, int64_t i, double v) { out[i] = v; }
+static PYOPD_ALWAYS_INLINE void store_grad(G* out, int64_t i, float v) { cpu::store_from_float(out, i, v); }
+static PYOPD_ALWAYS_INLINE void store_grad(double* out, int64_t i, double v) { out[i] = v; }
 
-// grad_j / (1/T) = p_j (a lp_j - g_kl lq_j + b), 0 where p_j == 0; the teacher
-// term only when the KL has an upstream gradient.
-template <bool kReadTeacher, typename Acc>
-static inline void grad_tile(const Acc* x, const Acc* y, int64_t n, Acc ms, Acc log_zs, Acc mt,
-                             Acc log_zt, Acc a, Acc g_kl, Acc b, Acc inv_t, Acc* out) {
+// grad_j / (1/T) = p_j (a lp_j - g_kl lq_j + b), read straight from the
+// logits and written straight to the gradient (no max is needed, so no tile
+// buffer). The teacher term only when the KL has an upstream gradient. Rows
+// reaching here have a finite lse, so lp_j < kFlush means p_j == 0 and the
+// flushed lp_j keeps every product finite.
+template <bool kReadTeacher, typename Ts, typename Tt, typename G, typename Acc>
+PYOPD_HOT_LOOP static void grad_span(const Ts* srow, const Tt* trow, G* grow, int64_t n, Acc ms,
+                             Acc log_zs, Acc mt, Acc log_zt, Acc a, Acc g_kl, Acc b, Acc inv_t) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const Acc lp = (x[i] - ms) - log_zs;
+  for (int64_t i = 0; i < n; ++i) {  // vec-loop: grad_span
+    const Acc lp = flush_lo((load_acc(srow, i) * inv_t - ms) - log_zs);
     const Acc pj = vexp(lp);
-    Acc inner = a * lp + b;
-    if constexpr (kReadTeacher) inner -= g_kl * ((y[i] - mt) - log_zt);
-    out[i] = pj > 0 ? pj * inner * inv_t : Acc(0);
+    Acc inner = madd(a, lp, b);
+    if constexpr (kReadTeacher) {
+      inner -= g_kl * finite_or_zero((load_acc(trow, i) * inv_t - mt) - log_zt);
+    }
+    store_grad(grow, i, pj * inner * inv_t);
   }
+}
+
+template <typename G, typename Acc>
+static inline void fill_row(G* grow, int64_t n, Acc v) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) store_grad(grow, j, v);  // vec-loop: fill_row
 }
 
 template <typename Ts, typename Tt, typename G, bool kTeacher>
@@ -311,43 +456,54 @@ void bwd_rows(const VocabStatsBwdParams& p) {
 
 #pragma omp parallel if (p.n_rows * V >= kParallelMinElems)
   {
-    Tile<Acc> xs, ys;
-    Tile<Acc> gs;
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, kRowChunk)
     for (int64_t r = 0; r < p.n_rows; ++r) {
       G* grow = grad + r * V;
       if (p.mask != nullptr && !p.mask[r]) {
-        for (int64_t j = 0; j < V; ++j) store_grad(grow, j, Acc(0));
+        fill_row(grow, V, Acc(0));
         continue;
       }
+      const int64_t y = p.tokens != nullptr ? p.tokens[r] : -1;
+      const bool y_in = y >= 0 && y < V;
       const Acc g_kl = kTeacher ? upstream(p.grad_kl, r) : Acc(0);
-      const Acc g_lp = upstream(p.grad_logprob, r);
+      // log p(y) is a constant (0, or NaN for an id >= V) without a token in
+      // [0, V): its upstream gradient does not reach the logits.
+      const Acc g_lp = y_in ? upstream(p.grad_logprob, r) : Acc(0);
       const Acc g_h = upstream(p.grad_entropy, r);
       const Acc g_lse = upstream(p.grad_lse, r);
       const Acc kl = (kTeacher && p.grad_kl != nullptr) ? static_cast<const Out*>(p.kl)[r] : Acc(0);
       const Acc hs = p.grad_entropy != nullptr ? static_cast<const Out*>(p.student_entropy)[r] : Acc(0);
       const Acc ms = stats[4 * r], log_zs = stats[4 * r + 1];
       const Acc mt = stats[4 * r + 2], log_zt = stats[4 * r + 3];
-      // grad_j = (p_j (a lp_j - g_kl lq_j + b) + g_lp [j == y]) / T
+      // A non-finite forward gives a NaN gradient, as autograd through
+      // log_softmax would: the student's lse is not finite, or an output with
+      // a nonzero upstream gradient is not finite.
+      if (!std::isfinite(static_cast<double>(ms) + static_cast<double>(log_zs)) ||
+          (g_kl != Acc(0) && !std::isfinite(kl)) || (g_h != Acc(0) && !std::isfinite(hs))) {
+        fill_row(grow, V, std::numeric_limits<Acc>::quiet_NaN());
+        continue;
+      }
+      // grad_j = (p_j (a lp_j - g_kl lq_j + b) + g_lp [j == y]) / T; a zero
+      // upstream gradient contributes nothing (not 0 * value).
       const Acc a = g_kl - g_h;
-      const Acc b = -g_kl * kl - g_lp - g_h * hs + g_lse;
-      const int64_t y = p.tokens != nullptr ? p.tokens[r] : -1;
+      const Acc b = (g_kl != Acc(0) ? -g_kl * kl : Acc(0)) - g_lp -
+                    (g_h != Acc(0) ? g_h * hs : Acc(0)) + g_lse;
       // The teacher is only read when the KL has an upstream gradient.
       const bool read_teacher = kTeacher && g_kl != Acc(0);
       const Ts* srow = S + r * p.student_row_stride;
       const Tt* trow = kTeacher ? Tch + r * p.teacher_row_stride : nullptr;
-      for (int64_t j0 = 0; j0 < V; j0 += kTile) {
-        const int64_t n = std::min(kTile, V - j0);
-        load_tile(srow, j0, n, inv_t, xs.v);
-        if (read_teacher) {
-          load_tile(trow, j0, n, inv_t, ys.v);
-          grad_tile<true>(xs.v, ys.v, n, ms, log_zs, mt, log_zt, a, g_kl, b, inv_t, gs.v);
-        } else {
-          grad_tile<false>(xs.v, ys.v, n, ms, log_zs, mt, log_zt, a, g_kl, b, inv_t, gs.v);
-        }
-        // The sampled token's one-hot term, outside the vector loop.
-        if (y >= j0 && y < j0 + n) gs.v[y - j0] += g_lp * inv_t;
-        for (int64_t i = 0; i < n; ++i) store_grad(grow, j0 + i, gs.v[i]);
+      if (read_teacher) {
+        grad_span<true>(srow, trow, grow, V, ms, log_zs, mt, log_zt, a, g_kl, b, inv_t);
+      } else {
+        grad_span<false>(srow, trow, grow, V, ms, log_zs, mt, log_zt, a, g_kl, b, inv_t);
+      }
+      // The sampled token's one-hot term, outside the vector loop (recomputed
+      // exactly as in the loop, then rounded once to G).
+      if (y_in) {
+        const Acc lp = flush_lo((load_acc(srow, y) * inv_t - ms) - log_zs);
+        Acc inner = madd(a, lp, b);
+        if (read_teacher) inner -= g_kl * finite_or_zero((load_acc(trow, y) * inv_t - mt) - log_zt);
+        store_grad(grow, y, vexp(lp) * inner * inv_t + g_lp * inv_t);
       }
     }
   }

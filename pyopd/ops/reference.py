@@ -38,6 +38,22 @@ def _masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, x, torch.zeros_like(x))
 
 
+def _nan_where(bad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.where(bad, torch.full_like(x, float("nan")), x)
+
+
+def _log_softmax_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p [..., V], lse [...], bad [...]) with the kernels' non-finite rules.
+
+    lse is logsumexp (+inf for a +inf logit, NaN if the row also has a NaN,
+    -inf for an all -inf row); rows whose lse is not finite ("bad") have NaN
+    log-probs and entropy.
+    """
+    lse = torch.logsumexp(x, dim=-1)
+    bad = ~torch.isfinite(lse)
+    return torch.log_softmax(x, dim=-1), lse, bad
+
+
 def token_stats_ref(
     logits: torch.Tensor,
     tokens: Optional[torch.Tensor] = None,
@@ -49,11 +65,12 @@ def token_stats_ref(
     """Reference of `pyopd.token_stats`: logits [..., V], tokens/mask [...]."""
     x = logits.to(compute_dtype) / temperature
     valid = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if mask is None else mask
-    logp = torch.log_softmax(x, dim=-1)
+    logp, lse, bad = _log_softmax_stats(x)
+    logprob = _gather(logp, tokens, valid)
     return TokenStats(
-        logprob=_masked(_gather(logp, tokens, valid), valid),
-        entropy=_masked(_entropy(logp), valid),
-        lse=_masked(torch.logsumexp(x, dim=-1), valid),
+        logprob=_masked(logprob if tokens is None else _nan_where(bad, logprob), valid),
+        entropy=_masked(_nan_where(bad, _entropy(logp)), valid),
+        lse=_masked(lse, valid),
     )
 
 
@@ -75,17 +92,27 @@ def reverse_kl_ref(
     xs = student_logits.to(compute_dtype) / temperature
     xt = teacher_logits.detach().to(compute_dtype) / temperature
     valid = torch.ones(xs.shape[:-1], dtype=torch.bool, device=xs.device) if mask is None else mask
-    logp = torch.log_softmax(xs, dim=-1)
-    logq_full = torch.log_softmax(xt, dim=-1)
+    logp, lse_s, bad_s = _log_softmax_stats(xs)
+    logq_full, lse_t, bad_t = _log_softmax_stats(xt)
     logq = logq_full[..., :V]
     p = logp.exp()
     kl = (p * _where_p(p, logp - logq)).sum(-1)
+    # KL = +inf when the student's support is not inside the teacher's: some
+    # finite student logit where the teacher's is -inf, even if that p_j
+    # underflows. NaN when either log-normaliser is NaN or +inf, or the
+    # student's is -inf (an all -inf student row has no distribution).
+    hole = ((xs > -torch.inf) & (xt[..., :V] == -torch.inf)).any(-1)
+    kl = torch.where(hole, torch.full_like(kl, torch.inf), kl)
+    kl = _nan_where(bad_s | torch.isnan(lse_t) | (lse_t == torch.inf), kl)
+    lp_s, lp_t = _gather(logp, tokens, valid), _gather(logq, tokens, valid)
+    if tokens is not None:
+        lp_s, lp_t = _nan_where(bad_s, lp_s), _nan_where(bad_t, lp_t)
     return ReverseKL(
         kl=_masked(kl, valid),
-        student_entropy=_masked(_entropy(logp), valid),
-        teacher_entropy=_masked(_entropy(logq_full), valid),
-        student_logprob=_masked(_gather(logp, tokens, valid), valid),
-        teacher_logprob=_masked(_gather(logq, tokens, valid), valid),
-        student_lse=_masked(torch.logsumexp(xs, dim=-1), valid),
-        teacher_lse=_masked(torch.logsumexp(xt, dim=-1), valid),
+        student_entropy=_masked(_nan_where(bad_s, _entropy(logp)), valid),
+        teacher_entropy=_masked(_nan_where(bad_t, _entropy(logq_full)), valid),
+        student_logprob=_masked(lp_s, valid),
+        teacher_logprob=_masked(lp_t, valid),
+        student_lse=_masked(lse_s, valid),
+        teacher_lse=_masked(lse_t, valid),
     )

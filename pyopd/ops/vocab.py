@@ -295,15 +295,23 @@ def token_stats(
         logits: [N, V] or [B, T, V], float32/bfloat16/float16 (float64 for checks).
             Rows may be strided (e.g. ``logits[:, :-1]``); the last dim must be
             the vocabulary.
-        tokens: integer ids shaped like the leading dims, or None (logprob is 0).
+        tokens: integer ids shaped like the leading dims, or None (logprob is
+            the constant 0, and its gradient is 0).
         mask: bool, shaped like the leading dims, True where the token counts.
             Masked rows read no logits and give zeros (and zero gradients).
-        temperature: p = softmax(logits / temperature).
+        temperature: p = softmax(z), z = logits * (1 / temperature), z rounded
+            to float32 (float64 for float64 logits) on its own.
 
     Returns:
         TokenStats(logprob, entropy, lse), each float32 (float64 for float64
         logits) shaped like the leading dims. ``logprob`` and ``entropy`` (and
-        ``lse``) are differentiable w.r.t. ``logits``.
+        ``lse``) are differentiable w.r.t. ``logits``. ``logprob <= 0`` always.
+
+    Non-finite inputs: -inf logits are legal (zero probability, adding exactly
+    nothing). A +inf logit gives ``lse = +inf``; a NaN logit gives NaN; an all
+    -inf row gives ``lse = -inf``. Where ``lse`` is not finite, ``logprob`` and
+    ``entropy`` are NaN and the row's gradient is NaN (as through
+    ``log_softmax``); masked rows still give zeros.
 
     Use it to score a teacher and free its logits before the student's exist.
     """
@@ -342,6 +350,16 @@ def reverse_kl(
         ``student_logprob`` and ``student_lse`` are differentiable w.r.t.
         ``student_logits``; the backward pass re-reads the logits instead of
         keeping an [N, V] buffer.
+
+    Non-finite inputs: -inf logits are legal; ids where both models are -inf
+    contribute exactly 0. ``kl = +inf`` whenever some id j < V has a finite
+    student logit and a -inf teacher logit (the student's support is not
+    inside the teacher's), even if p_j underflows in floating point. Each
+    model's ``lse``, ``entropy`` and ``logprob`` follow `token_stats`; ``kl``
+    is NaN when the student's lse is not finite or the teacher's is NaN or
+    +inf. A row whose student lse is not finite, or whose ``kl`` (or
+    ``student_entropy``) is not finite while it has a nonzero upstream
+    gradient, gets an all-NaN gradient; masked rows still give zeros.
     """
     lead, s_rows, t_rows, tokens, mask, inv_t = _prepare(
         student_logits, teacher_logits, tokens, mask, temperature, True)
