@@ -18,6 +18,12 @@ from pyopd.ops.signals_reference import (
     trajectory_scores_ref,
 )
 from pyopd.ops.vocab import reverse_kl, reverse_kl_backward, token_stats
+from pyopd.ops.fused_linear import (
+    fused_linear_reverse_kl,
+    fused_linear_reverse_kl_ref,
+    fused_linear_token_stats,
+    fused_linear_token_stats_ref,
+)
 
 __all__ = [
     "FireWeights",
@@ -28,6 +34,10 @@ __all__ = [
     "TrajectoryScores",
     "fire_token_weights",
     "fire_token_weights_ref",
+    "fused_linear_reverse_kl",
+    "fused_linear_reverse_kl_ref",
+    "fused_linear_token_stats",
+    "fused_linear_token_stats_ref",
     "group_advantages",
     "group_advantages_ref",
     "reverse_kl",
