@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -83,8 +84,16 @@ def _add_config_args(p: argparse.ArgumentParser, command: str) -> dict:
             kw["type"] = int
         elif isinstance(default, float) or default is None:
             kw["type"] = float
-        g.add_argument(_flag(f.name), **kw)
+        g.add_argument(*_flags(f.name), **kw)
     return groups
+
+
+# Flags with another (first) spelling: torchrun's parser takes `--n` for a prefix of its own options.
+_ALIASES = {"n": ("--samples-per-prompt", "--n")}
+
+
+def _flags(name: str) -> tuple[str, ...]:
+    return _ALIASES.get(name, (_flag(name),))
 
 
 def _add_run_args(p: argparse.ArgumentParser, groups: dict) -> None:
@@ -96,6 +105,9 @@ def _add_run_args(p: argparse.ArgumentParser, groups: dict) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="delete an existing --out and start over (otherwise an existing run is refused)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--device", default="auto",
+                   help="real models: 'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available; under torchrun "
+                        "each process takes cuda:LOCAL_RANK) (default %(default)s); the demo runs on the CPU")
     g.add_argument("--cache-dir", default=None,
                    help="demo: where the built-in models are cached (default $PYOPD_CACHE_DIR or "
                         "~/.cache/pyopd)")
@@ -252,8 +264,59 @@ def _prepare_out(out_dir: str, args) -> None:
 
 
 def _start_out(out_dir: str, args) -> None:
-    if args.overwrite and Path(out_dir).exists():
+    if args.overwrite and Path(out_dir).exists() and _rank() == 0:
         shutil.rmtree(out_dir)
+    _barrier()
+
+
+# ---------------------------------------------------------------------------- processes and devices
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _init_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def _device(spec: str):
+    import torch
+
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and "LOCAL_RANK" in os.environ:
+        spec = f"cuda:{os.environ['LOCAL_RANK']}"
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device: {spec!r} is not a device (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device: CUDA was asked for but torch sees no CUDA device")
+    return dev
+
+
+def _say(*a, **k) -> None:
+    if _rank() == 0:
+        print(*a, **k)
 
 
 def _vocab_size(model) -> int:
@@ -296,11 +359,12 @@ def check_shared_vocab(flag: str, student_tok, model_dir: Path) -> None:
                              f"student's gives {idx}; teacher and student must share the vocabulary")
 
 
-def _load_model(d: Path):
+def _load_model(d: Path, device=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    return model if device is None else model.to(device)
 
 
 # ---------------------------------------------------------------------------- fire-opd
@@ -326,7 +390,8 @@ def _run_fire_opd(args) -> int:
     from pyopd.demo.fire_opd import run_demo
 
     run_demo(cfg, losses=losses, scale=args.scale, out=Path(cfg.out_dir), cache_dir=args.cache_dir,
-             multi_teacher=args.multi_teacher, progress=not args.no_progress, resume=args.resume)
+             multi_teacher=args.multi_teacher, progress=not args.no_progress and _rank() == 0,
+             resume=args.resume, log=_say)
     return 0
 
 
@@ -346,16 +411,17 @@ def _run_fire_opd_real(args) -> int:
 
     from pyopd.trainers.opd import OPDTrainer, PromptBatch
 
+    dev = _device(args.device)
     tok = _load_tokenizer(student_dir)
-    student = _load_model(student_dir)
+    student = _load_model(student_dir, dev)
     teacher_dirs = {"teacher": teacher_dir, **({"teacher2": teacher2_dir} if teacher2_dir else {})}
     teachers = {}
     for name, d in teacher_dirs.items():
-        teachers[name] = _load_model(d)
+        teachers[name] = _load_model(d, dev)
         _check_teacher(f"--{name}", teachers[name], d, student, tok)
     from pyopd.objectives import get_objective
 
-    reference = _load_model(student_dir) if get_objective(cfg.loss).needs_reference else None
+    reference = _load_model(student_dir, dev) if get_objective(cfg.loss).needs_reference else None
 
     def prompts(step: int, count: int, rng: random.Random) -> PromptBatch:
         pick = [rows[rng.randrange(len(rows))] for _ in range(count)]
@@ -363,11 +429,11 @@ def _run_fire_opd_real(args) -> int:
 
     _start_out(cfg.out_dir, args)
     trainer = OPDTrainer(cfg, student, teachers, tok, prompts, reference=reference,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, log=_say)
     t0 = time.time()
     hist = trainer.train(resume=args.resume)
-    print(f"[pyopd] {cfg.loss}: {len(hist)} steps in {time.time() - t0:.0f}s; "
-          f"checkpoints and metrics.jsonl in {cfg.out_dir}")
+    _say(f"[pyopd] {cfg.loss}: {len(hist)} steps in {time.time() - t0:.0f}s; "
+         f"checkpoints and metrics.jsonl in {cfg.out_dir}")
     return 0
 
 
@@ -426,18 +492,29 @@ def _run_copsd(args) -> int:
     from pyopd.trainers.sft import SFTRecord, sft_epochs
 
     out = Path(cfg.out_dir)
+    dev = _device(args.device)
     tok = _load_tokenizer(student_dir)
-    student, initial, teacher = _load_model(student_dir), _load_model(student_dir), _load_model(teacher_dir)
+    student, initial, teacher = (_load_model(student_dir, dev), _load_model(student_dir, dev),
+                                 _load_model(teacher_dir, dev))
     _check_teacher("--teacher", teacher, teacher_dir, student, tok)
     _start_out(cfg.out_dir, args)
     if args.baseline != "opsd":
-        teacher = cross_sft_teacher(
-            lambda: _load_model(teacher_dir), tok, [(r["category"], r["prompt"]) for r in prompts],
-            lambda qs: generate(initial, tok, qs, max_new_tokens=cfg.max_new_tokens), frontier, template,
-            out=out, epochs=args.cross_sft_epochs, seed=cfg.seed,
-            key={"base": str(teacher_dir.resolve()), "max_new_tokens": cfg.max_new_tokens})
+        def build():
+            return cross_sft_teacher(
+                lambda: _load_model(teacher_dir, dev), tok, [(r["category"], r["prompt"]) for r in prompts],
+                lambda qs: generate(initial, tok, qs, max_new_tokens=cfg.max_new_tokens), frontier, template,
+                out=out, epochs=args.cross_sft_epochs, seed=cfg.seed, log=_say,
+                key={"base": str(teacher_dir.resolve()), "max_new_tokens": cfg.max_new_tokens})
+
+        # several processes: rank 0 builds the teacher, the others load what it wrote
+        teacher = build() if _rank() == 0 else None
+        _barrier()
+        if teacher is None:
+            teacher = build()
 
     if args.baseline == "sft":
+        if _rank() != 0:  # one process fine-tunes and saves the baseline
+            return 0
         qs = [r["prompt"] for r in prompts]
         answers = generate(teacher, tok, [wrap(template, q) for q in qs], max_new_tokens=cfg.max_new_tokens)
         sft_epochs(student, tok, [SFTRecord(q, a, r["category"], "teacher")
@@ -445,7 +522,7 @@ def _run_copsd(args) -> int:
                    epochs=args.cross_sft_epochs, seed=cfg.seed)
         student.save_pretrained(out / "sft-student")
         tok.save_pretrained(out / "sft-student")
-        print(f"[pyopd] SFT baseline on {len(qs)} teacher answers -> {out / 'sft-student'}")
+        _say(f"[pyopd] SFT baseline on {len(qs)} teacher answers -> {out / 'sft-student'}")
         return 0
 
     def source(step: int, count: int, rng: random.Random) -> PromptBatch:
@@ -453,9 +530,9 @@ def _run_copsd(args) -> int:
         return PromptBatch(pick, ["teacher"] * count, teacher_prompts=[wrap(template, q) for q in pick])
 
     trainer = OPDTrainer(cfg, student, {"teacher": teacher}, tok, source, reference=initial,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, log=_say)
     hist = trainer.train(resume=args.resume)
-    print(f"[pyopd] copsd ({args.baseline}, objective {args.objective}): {len(hist)} steps; "
+    _say(f"[pyopd] copsd ({args.baseline}, objective {args.objective}): {len(hist)} steps; "
           f"checkpoints and metrics.jsonl in {cfg.out_dir}")
     return 0
 
@@ -472,10 +549,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(json.dumps({**pyopd.build_info(), "cuda_available": pyopd.cuda_available()}, indent=2))
             return 0
-        if args.command == "fire-opd":
-            return _run_fire_opd(args)
-        if args.command == "copsd":
-            return _run_copsd(args)
+        distributed = _init_distributed()
+        try:
+            if args.command == "fire-opd":
+                return _run_fire_opd(args)
+            if args.command == "copsd":
+                return _run_copsd(args)
+        finally:
+            if distributed:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
     except UsageError as e:
         print(f"pyopd {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from pyopd.trainers.opd import OPDConfig, OPDTrainer, PromptBatch
+from pyopd.trainers.opd import OPDConfig, OPDTrainer, PromptBatch, dist_info
 from pyopd.trainers.records import plot_curves
 
 EVAL_N = 192
@@ -122,8 +122,10 @@ def run_demo(cfg: OPDConfig, losses=("opd", "fire"), scale: str = "demo", out: P
     log(f"[pyopd] demo: {scale} models ({'multi-teacher ' + '+'.join(teacher_names) if multi_teacher else 'teacher mixed'}), "
         f"{base.steps} steps x {base.prompts_per_step} prompts x {base.n} samples, seed {base.seed}")
 
-    teacher_eval = {n: evaluate(t) for n, t in teachers.items()}
-    start_eval = evaluate(prepared.load_student())  # every objective starts from this student
+    # Several processes (torchrun): every rank trains, rank 0 alone evaluates and writes.
+    main_rank = dist_info()[0] == 0
+    teacher_eval = {n: evaluate(t) for n, t in teachers.items()} if main_rank else {}
+    start_eval = evaluate(prepared.load_student()) if main_rank else None  # every objective starts here
     runs, results = {}, {}
     for loss in losses:
         torch.manual_seed(base.seed)
@@ -135,6 +137,8 @@ def run_demo(cfg: OPDConfig, losses=("opd", "fire"), scale: str = "demo", out: P
                              evaluate=evaluate, log=log, progress=progress, label=NAMES.get(loss, loss))
         t0 = time.time()
         hist = trainer.train(resume=resume, initial_eval=start_eval)
+        if not main_rank:
+            continue
         wall = time.time() - t0
         steps = [h for h in hist if "loss" in h]
         runs[loss] = hist
@@ -151,6 +155,8 @@ def run_demo(cfg: OPDConfig, losses=("opd", "fire"), scale: str = "demo", out: P
             "wall_s": wall,
             "final_eval": {k[len("eval/"):]: v for k, v in hist[-1].items() if k.startswith("eval/")},
         }
+    if not main_rank:
+        return {}
     rows = {"student (start)": _row(start_eval)}
     rows.update({f"teacher {n}": _row(ev) for n, ev in teacher_eval.items()})
     rows.update({NAMES.get(loss, loss): _row(r["final_eval"], keep_ratio=r["keep_ratio"],

@@ -163,21 +163,25 @@ def shared_denominators(cfg, loss_mask: torch.Tensor, micro_rows: Sequence[torch
     released code's verl aggregation, a token mean per micro-batch weighted by
     its share of the step's rows (`pyopd.presets.released_denominator`).
     """
+    from pyopd.ops.distributed import sync_group
+
+    group = sync_group(None, None)  # several ranks: their gradients are summed (see OPDTrainer)
     if getattr(cfg, "preset", "paper") == "released":
         from pyopd.presets.released import released_denominator
 
         if cfg.agg != "token-mean":
             raise ValueError("preset 'released' aggregates with token-mean only (agg='token-mean')")
+        # verl averages the ranks' gradients; with summed gradients that is a world-size factor
+        world = 1 if group is None else torch.distributed.get_world_size(group)
         rows = sum(int(r.numel()) for r in micro_rows)
-        return [released_denominator(loss_mask[r], rows) for r in micro_rows]
-
-    def count(rows: torch.Tensor) -> float:
-        n = loss_mask[rows].sum(-1)
-        return float(n.sum() if cfg.agg == "token-mean" else (n > 0).sum())
+        return [released_denominator(loss_mask[r], rows * world) for r in micro_rows]
 
     every = torch.cat(list(micro_rows)) if len(micro_rows) else torch.zeros(0, dtype=torch.long)
-    d = max(1.0, count(every))
-    return [d] * len(micro_rows)
+    n = loss_mask[every].sum(-1)
+    d = (n.sum() if cfg.agg == "token-mean" else (n > 0).sum()).to(torch.float64)
+    if group is not None:  # the whole step's count, over every rank
+        torch.distributed.all_reduce(d, group=group)
+    return [max(1.0, float(d))] * len(micro_rows)
 
 
 # ---- registry ---------------------------------------------------------------------------

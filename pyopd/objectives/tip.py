@@ -12,6 +12,11 @@ class TIP(Objective):
     options = ("tip_rho", "clip", "dual_clip", "agg")
 
     def signals(self, batch: ScoredBatch) -> Signals:
+        from pyopd.ops.distributed import sync_group
+
+        if sync_group(None, None) is not None:
+            raise NotImplementedError("loss 'tip' ranks tokens over the whole batch and has no cross-rank "
+                                      "version yet: run it in one process")
         # The selection ranks tokens over the whole batch: taken once, sliced per micro-batch.
         div = (batch.teacher.logprob - batch.old.logprob).abs()
         sel = tip_token_mask(batch.old.entropy, div, batch.mask, rho=self.cfg.tip_rho)

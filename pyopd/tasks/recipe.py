@@ -69,7 +69,7 @@ def generate(
     model.eval()
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
+        enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True).to(model.device)
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=tokenizer.eos_token_id, do_sample=False)
         kwargs.update(gen_kwargs)

@@ -21,6 +21,14 @@ the losses.
 
 Each step's randomness is derived from (seed, step) and the RNG states are
 checkpointed, so a resumed run reproduces an uninterrupted one exactly.
+
+Several processes (``torchrun``, torch.distributed initialised): each rank
+samples its share of the step's prompts (``prompts_per_step`` is global);
+the objective's batch-level signals and the loss denominators are taken over
+all ranks, gradients are summed across ranks before the optimizer step, so a
+step equals one process on the same global batch. Rank 0 alone evaluates and
+writes logs and checkpoints; checkpoints hold no rank state, so a run resumes
+with any number of processes.
 """
 from __future__ import annotations
 
@@ -70,6 +78,15 @@ Evaluator = Callable[[torch.nn.Module], dict]
 RolloutMetrics = Callable[[PromptBatch, Rollouts], dict]  # extra per-step diagnostics
 
 
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1) when it is not in use."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -89,6 +106,12 @@ class OPDTrainer:
                  rollout_metrics: Optional[RolloutMetrics] = None, label: Optional[str] = None) -> None:
         cfg.validate()
         self.label = label or cfg.loss  # names the progress bar (e.g. "OPSD" vs "COPSD")
+        self.rank, self.world = dist_info()
+        if cfg.prompts_per_step % self.world:
+            raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number "
+                             f"of processes ({self.world}): each rank samples an equal share")
+        if self.rank != 0:  # rank 0 alone reports, evaluates and writes
+            log, progress, evaluate = (lambda *_: None), False, None
         if not teachers:
             raise ValueError("teachers must name at least one teacher model")
         v = student.get_output_embeddings().weight.shape[0]
@@ -165,8 +188,22 @@ class OPDTrainer:
         ids = [self.tok(p)["input_ids"] for p in batch.teacher_prompts]  # as the student prompt
         return [ids[g] for g in ro.group.tolist()]
 
-    def rollout_and_score(self, batch: PromptBatch) -> dict:
-        """Sample the rollouts and score them (no grad): {"rollouts", "batch": ScoredBatch, ...}."""
+    def local_share(self, batch: PromptBatch) -> tuple[PromptBatch, int]:
+        """This rank's contiguous share of the step's (global) prompts, and its offset."""
+        if self.world == 1:
+            return batch, 0
+        per = len(batch.prompts) // self.world
+        lo, hi = self.rank * per, (self.rank + 1) * per
+        cut = lambda xs: None if xs is None else list(xs[lo:hi])  # noqa: E731
+        return PromptBatch(cut(batch.prompts), cut(batch.teachers), cut(batch.teacher_prompts),
+                           cut(batch.meta) or []), lo
+
+    def rollout_and_score(self, batch: PromptBatch, group_offset: int = 0) -> dict:
+        """Sample the rollouts and score them (no grad): {"rollouts", "batch": ScoredBatch, ...}.
+
+        ``group_offset``: added to the prompt index of each row, so that the rollouts of
+        one prompt share a group id across ranks (this rank's prompts start there).
+        """
         cfg = self.cfg
         ro = sample_rollouts(self.student, self.tok, batch.prompts, cfg.n,
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -177,7 +214,7 @@ class OPDTrainer:
         unknown = sorted(set(row_teacher) - set(self.teachers))
         if unknown:
             raise ValueError(f"prompts name teachers {unknown} that were not given; have {self.teacher_names}")
-        teacher_index = torch.tensor([self.teacher_names.index(t) for t in row_teacher])
+        teacher_index = torch.tensor([self.teacher_names.index(t) for t in row_teacher], device=ro.mask.device)
         tprompt_ids = self._teacher_prompt_ids(batch, ro)
         teacher = Scores(torch.zeros_like(old.logprob), torch.zeros_like(old.entropy))
         for k, name in enumerate(self.teacher_names):
@@ -189,15 +226,18 @@ class OPDTrainer:
         ref = None
         if self.objective.needs_reference:
             ref = score(self.reference, ro.prompt_ids, ro, pad, micro_batch=cfg.micro_batch, temperature=T)
-        scored = ScoredBatch(tokens=ro.response, mask=ro.mask, group=ro.group, old=old, teacher=teacher,
+        scored = ScoredBatch(tokens=ro.response, mask=ro.mask, group=ro.group + group_offset, old=old,
+                             teacher=teacher,
                              teacher_index=teacher_index, num_teachers=len(self.teacher_names),
                              reference=ref)
         return {"rollouts": ro, "batch": scored, "teacher_prompt_ids": tprompt_ids}
 
     def train_step(self, batch: PromptBatch) -> dict:
+        """One step on the step's global prompt batch (this rank samples its share)."""
         cfg, obj = self.cfg, self.objective
         t0 = time.perf_counter()
-        sc = self.rollout_and_score(batch)
+        batch, offset = self.local_share(batch)
+        sc = self.rollout_and_score(batch, group_offset=offset)
         ro: Rollouts = sc["rollouts"]
         scored: ScoredBatch = sc["batch"]
         t_roll = time.perf_counter() - t0
@@ -221,18 +261,24 @@ class OPDTrainer:
                     teacher_logits_fn=(lambda micro=micro: self._teacher_logits(sc, micro, r))
                     if obj.needs_teacher_logits else None)
                 loss, m = obj.loss(mb)
-                if not torch.isfinite(loss):
+                # (several ranks: a NaN loss shows in the all-reduced gradient norm on every rank)
+                if self.world == 1 and not torch.isfinite(loss):
                     raise NonFiniteError(self._nonfinite("loss", float(loss.detach())))
                 loss.backward()
                 for k, v in m.items():
                     # micro-batch losses share the denominator: they sum to the mini-batch loss
                     share = 1.0 / cfg.mini_batches if k == "loss" else micro.numel() / ro.size
                     micro_metrics[k] = micro_metrics.get(k, 0.0) + v * share
+            if self.world > 1:
+                self._sum_gradients_across_ranks()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise NonFiniteError(self._nonfinite("gradient norm", float(grad_norm)))
             self.opt.step()
             self.sched.step()
+        tokens = ro.mask.sum()
+        if self.world > 1:
+            micro_metrics, tokens = self._reduce_metrics(micro_metrics, tokens)
         metrics = {**micro_metrics, **signals.metrics}  # batch-level signals win over micro averages
         if self.rollout_metrics is not None:
             metrics.update(self.rollout_metrics(batch, ro))
@@ -242,10 +288,34 @@ class OPDTrainer:
             teacher_logprob=float(_masked_mean(scored.teacher.logprob, ro.mask)),
             student_logprob=float(_masked_mean(scored.old.logprob, ro.mask)),
             student_entropy=float(_masked_mean(scored.old.entropy, ro.mask)),
-            tokens=int(ro.mask.sum()),
-            tokens_per_s=float(ro.mask.sum()) / (time.perf_counter() - t0),
+            tokens=int(tokens),
+            tokens_per_s=float(tokens) / (time.perf_counter() - t0),
             rollout_s=t_roll, step_s=time.perf_counter() - t0)
         return metrics
+
+    def _sum_gradients_across_ranks(self) -> None:
+        """Each rank's loss already divides by the global denominator: the global gradient is the sum."""
+        import torch.distributed as dist
+
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+            offset += n
+
+    def _reduce_metrics(self, metrics: dict, tokens: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Micro-batch metrics over all ranks: the loss sums (global denominators), the rest average."""
+        import torch.distributed as dist
+
+        keys = sorted(metrics)
+        vals = torch.tensor([float(metrics[k]) for k in keys] + [float(tokens)], dtype=torch.float64)
+        dist.all_reduce(vals, op=dist.ReduceOp.SUM)
+        out = {k: float(v) if k == "loss" else float(v) / self.world for k, v in zip(keys, vals[:-1])}
+        return out, vals[-1]
 
     def _nonfinite(self, what: str, value: float) -> str:
         last = ckpt_io.latest_checkpoint(self.out_dir)
@@ -284,12 +354,13 @@ class OPDTrainer:
         cfg = self.cfg
         resumed = self.resume() if resume else None
         log = JsonlLog(self.out_dir / "metrics.jsonl", resume_step=self.step if resumed else None,
-                       log=self.log)
+                       log=self.log) if self.rank == 0 else None
         if resumed is None and self.evaluate is not None:
             first = initial_eval if initial_eval is not None else self.evaluate(self.student)
             rec = {"step": 0, **{f"eval/{k}": v for k, v in first.items()}}
             self.history.append(rec)
-            log.write(rec)
+            if log is not None:
+                log.write(rec)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -300,7 +371,8 @@ class OPDTrainer:
         shown: dict = {}
         tokens, seconds = 0, 0.0
         while self.step < cfg.steps:
-            seed_everything(_step_seed(cfg.seed, self.step))
+            # the prompts are drawn from (seed, step) alike on every rank; sampling differs per rank
+            seed_everything(_step_seed(cfg.seed, self.step) + self.rank)
             batch = self.prompts(self.step, cfg.prompts_per_step, random.Random(_step_seed(cfg.seed, self.step)))
             metrics = self.train_step(batch)
             self.step += 1
@@ -308,7 +380,8 @@ class OPDTrainer:
                                               (cfg.eval_every and self.step % cfg.eval_every == 0)):
                 metrics.update({f"eval/{k}": v for k, v in self.evaluate(self.student).items()})
             self.history.append(metrics)
-            log.write(metrics)
+            if log is not None:
+                log.write(metrics)
             tokens, seconds = tokens + metrics["tokens"], seconds + metrics["step_s"]
             if bar is not None:
                 shown.update({k.removeprefix("eval/"): f"{metrics[k]:.3g}" for k in
@@ -317,7 +390,7 @@ class OPDTrainer:
                 shown["tok/s"] = f"{tokens / max(seconds, 1e-9):.0f}"  # total tokens / total time
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
+            if self.rank == 0 and cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
                 with no_progress_bars():
                     self.save()
         if bar is not None:

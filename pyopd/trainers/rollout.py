@@ -47,7 +47,7 @@ def sample_rollouts(model, tokenizer, prompts: Sequence[str], n: int, *, max_new
     rows_prompts, rows_ids, responses, groups = [], [], [], []
     for start in range(0, len(prompts), max(1, generation_batch // n)):
         chunk = list(prompts[start:start + max(1, generation_batch // n)])
-        enc = tokenizer(chunk, return_tensors="pt", padding=True)
+        enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
         seqs = model.generate(
             input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
             do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
@@ -67,7 +67,7 @@ def sample_rollouts(model, tokenizer, prompts: Sequence[str], n: int, *, max_new
     mask = response_mask(response, eos)
     response = torch.where(mask, response, torch.full_like(response, pad))
     texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-    return Rollouts(rows_prompts, rows_ids, response, mask, torch.tensor(groups), texts)
+    return Rollouts(rows_prompts, rows_ids, response, mask, torch.tensor(groups, device=response.device), texts)
 
 
 def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -96,6 +96,7 @@ def layout(prompt_ids: Sequence[Sequence[int]], response: torch.Tensor, mask: to
         if len(p):
             ids[i, width - len(p):] = torch.tensor(p)
             att[i, width - len(p):] = 1
+    ids, att = ids.to(response.device), att.to(response.device)
     input_ids = torch.cat([ids, response], dim=1)
     attention_mask = torch.cat([att, mask.long()], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -116,8 +117,8 @@ def score(model, prompt_ids: Sequence[Sequence[int]], rollouts: Rollouts, pad_id
     """Per-token log-prob and entropy of ``model`` on the rollout tokens (rows subset optional)."""
     idx = torch.arange(rollouts.size) if rows is None else rows
     r = rollouts.response.shape[1]
-    logprob = torch.zeros(rollouts.size, r)
-    entropy = torch.zeros(rollouts.size, r)
+    logprob = torch.zeros(rollouts.size, r, device=rollouts.response.device)
+    entropy = torch.zeros(rollouts.size, r, device=rollouts.response.device)
     was_training = model.training
     model.eval()
     for chunk in idx.split(micro_batch):

@@ -1,0 +1,123 @@
+"""The trainer in 2 gloo processes equals 1 process on the same global batch.
+
+Sampling is replaced by a deterministic function of the prompt, so both runs
+see exactly the same rollouts; everything after it (scoring, the objective's
+batch signals across ranks, the global denominators, the summed gradients,
+the optimizer step) is the real code path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+LOSSES = ("fire", "copsd", "rkl")
+PROMPTS, N = 4, 3
+
+
+def fake_sample(model, tokenizer, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0):
+    """n responses per prompt, a fixed function of the prompt text (varying lengths, some EOS)."""
+    from pyopd.trainers.rollout import Rollouts, response_mask
+
+    rows_p, rows_ids, resp, groups = [], [], [], []
+    for gi, p in enumerate(prompts):
+        ids = tokenizer(p)["input_ids"]
+        h = zlib.crc32(p.encode())
+        for j in range(n):
+            length = 2 + (h + 3 * j) % (max_new_tokens - 1)
+            toks = [4 + (h + 7 * j + 5 * t) % 90 for t in range(max_new_tokens)]
+            if length < max_new_tokens:
+                toks[length] = tokenizer.eos_token_id
+            rows_p.append(p)
+            rows_ids.append(ids)
+            resp.append(toks)
+            groups.append(gi)
+    response = torch.tensor(resp)
+    mask = response_mask(response, tokenizer.eos_token_id)
+    response = torch.where(mask, response, torch.full_like(response, tokenizer.pad_token_id))
+    return Rollouts(rows_p, rows_ids, response, mask, torch.tensor(groups), [""] * len(rows_p))
+
+
+def one_step(cache: str, loss: str, out: str):
+    """Build a trainer on the tiny models and run one step on a fixed global batch."""
+    import pyopd.trainers.opd as opd_mod
+    from pyopd.demo.fire_opd import make_prompt_source
+    from pyopd.tasks.prepare import prepare_models
+    from pyopd.tasks.registry import get_task
+    from pyopd.trainers.opd import OPDConfig, OPDTrainer
+
+    opd_mod.sample_rollouts = fake_sample
+    prepared = prepare_models(scale="tiny", cache_dir=cache, seed=0, log=None)
+    task = get_task("mixed")
+    cfg = OPDConfig(loss=loss, steps=1, prompts_per_step=PROMPTS, n=N, micro_batch=2, mini_batches=1,
+                    max_new_tokens=6, eval_every=0, save_every=0, out_dir=out, lr=1e-2, seed=5,
+                    percentile=40.0, dual_clip=3.0 if loss == "copsd" else None)
+    ref = prepared.load_student() if loss == "copsd" else None
+    tr = OPDTrainer(cfg, prepared.load_student(), {"mixed": prepared.load_teacher("mixed")},
+                    prepared.load_tokenizer(), make_prompt_source(task, lambda e: "mixed"),
+                    reference=ref, log=lambda *_: None, progress=False)
+    seen = {}
+    real_signals = tr.objective.signals
+
+    def spy(batch):
+        sig = real_signals(batch)
+        seen["signals"] = sig
+        return sig
+
+    tr.objective.signals = spy
+    torch.manual_seed(0)
+    batch = tr.prompts(0, PROMPTS, random.Random(11))
+    metrics = tr.train_step(batch)
+    params = torch.cat([p.detach().reshape(-1) for p in tr.student.parameters()])
+    weight = seen["signals"].rows.get("weight", seen["signals"].rows.get("advantage"))
+    return metrics, params, weight
+
+
+def _worker(rank: int, world: int, store: str, cache: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        res = {}
+        for loss in LOSSES:
+            metrics, params, weight = one_step(cache, loss, f"{out_dir}/run-{loss}")
+            gathered = [torch.zeros_like(weight) for _ in range(world)] if weight is not None else None
+            if weight is not None:
+                dist.all_gather(gathered, weight.contiguous())
+            res[loss] = {"loss": metrics["loss"], "params": params,
+                         "weight": None if weight is None else torch.cat(gathered)}
+        if rank == 0:
+            torch.save(res, f"{out_dir}/dist.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned interpreters: tens of seconds on 2 cores
+@pytest.mark.distributed
+def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
+    from pyopd.tasks.prepare import prepare_models
+
+    cache = str(tmp_path / "cache")
+    prepare_models(scale="tiny", cache_dir=cache, seed=0, log=None)  # built once, loaded by both ranks
+    torch.set_num_threads(1)
+    single = {loss: one_step(cache, loss, str(tmp_path / f"single-{loss}")) for loss in LOSSES}
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), cache, str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    multi = torch.load(tmp_path / "dist.pt", weights_only=True)
+    report = {}
+    for loss in LOSSES:
+        m1, p1, w1 = single[loss]
+        got = multi[loss]
+        report[loss] = {"loss_1": m1["loss"], "loss_2": got["loss"],
+                        "max_param_diff": float((p1 - got["params"]).abs().max())}
+        assert got["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-6), loss
+        torch.testing.assert_close(got["params"], p1, atol=1e-5, rtol=1e-5)
+        if w1 is not None:
+            torch.testing.assert_close(got["weight"], w1, atol=1e-5, rtol=1e-5)
+    (tmp_path / "report.json").write_text(json.dumps(report))
