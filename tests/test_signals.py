@@ -442,3 +442,82 @@ def test_group_advantages_bad_arguments():
         group_advantages(lq, lp, m, ids, eps=0.0)
     with pytest.raises(ValueError, match="clip_low must be < clip_high"):
         group_advantages(lq, lp, m, ids, clip_low=5, clip_high=-3)
+
+
+# ---- numeric ranges and argument types (all four entry points) ----------------------
+
+
+def test_fire_weights_reject_coefficients_float32_cannot_hold():
+    b = make_batch(4, 5)
+    ht, hs, m = b["teacher_entropy"], b["student_entropy"], b["mask"]
+    # (1 + alpha)(1 + beta) is the largest weight; it must be a finite float32
+    for alpha, beta in ((1e39, 1.0), (1.0, 1e39), (1e20, 1e19)):
+        with pytest.raises(ValueError, match=r"alpha and beta are too large.*float32"):
+            fire_token_weights(ht, hs, m, alpha=alpha, beta=beta)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        fire_token_weights(ht, hs, m, alpha=math.inf)
+    with pytest.raises(ValueError, match="beta must be finite"):
+        fire_token_weights(ht, hs, m, beta=math.nan)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        fire_token_weights(ht, hs, m, beta=-1e-9)
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        fire_token_weights(ht, hs, m, alpha=True)
+    # the largest representable coefficients give finite weights, in float32 too
+    for dtype in (torch.float32, torch.float64):
+        out = fire_token_weights(ht.nan_to_num(0).to(dtype), hs.nan_to_num(0).to(dtype), m,
+                                 alpha=1e38, beta=0.0)
+        assert bool(out.weight.isfinite().all())
+        exp = fire_token_weights_ref(ht.nan_to_num(0).to(dtype).double(), hs.nan_to_num(0).double(), m,
+                                     alpha=1e38, beta=0.0)
+        close(out.weight, exp.weight, dtype, f"weight {dtype}")
+
+
+def test_signal_scalars_are_checked_with_their_range():
+    b = make_batch(4, 5)
+    lq, lp, ht, hs, m = (b[k] for k in ("teacher_logprob", "student_logprob", "teacher_entropy",
+                                        "student_entropy", "mask"))
+    ids = torch.tensor([0, 0, 1, 1])
+    cases = [
+        (lambda: trajectory_scores(lq, m, p=math.inf), ValueError, "p must be finite"),
+        (lambda: trajectory_scores(lq, m, p=True), TypeError, "p must be a number"),
+        (lambda: trajectory_scores(lq, m, p="20"), TypeError, "p must be a number"),
+        (lambda: trajectory_scores(lq, m, teacher_index=ids, num_teachers=0), ValueError,
+         r"num_teachers must be an int in \[1, 2147483647\]"),
+        (lambda: trajectory_scores(lq, m, teacher_index=ids, num_teachers=2.0), TypeError,
+         "num_teachers must be an int"),
+        (lambda: trajectory_scores(lq, m, teacher_index=ids, num_teachers=2**40), ValueError,
+         "num_teachers must be an int in"),
+        (lambda: trajectory_scores(lq, m, num_teachers=2), ValueError, "num_teachers needs teacher_index"),
+        (lambda: trajectory_scores(lq, m, sync="yes"), TypeError, "sync must be None, True or False"),
+        (lambda: trajectory_scores(lq, m.to(torch.complex64)), TypeError, "mask must be bool, integer or floating"),
+        (lambda: trajectory_filter(lq, torch.ones(4, dtype=torch.int64)), ValueError,
+         "score must be a 1-D floating-point tensor"),
+        (lambda: trajectory_filter(lq[:, 0], torch.ones(4)), TypeError, "length must be an integer tensor"),
+        (lambda: trajectory_filter(lq[:, 0], torch.ones(4, dtype=torch.int64), p=101), ValueError,
+         r"p must be a percentage in \[0, 100\]"),
+        (lambda: trajectory_filter(lq[:, 0], torch.ones(4, dtype=torch.int64), teacher_index=ids,
+                                   num_teachers=1), ValueError, "teacher_index must be < num_teachers=1"),
+        (lambda: fire_token_weights(ht, hs, m, teacher_index=ids, num_teachers=-1), ValueError,
+         "num_teachers must be an int in"),
+        (lambda: fire_token_weights(ht, hs, m, sync=1), TypeError, "sync must be None, True or False"),
+        (lambda: group_advantages(lq, lp, m, ids, clip_low=math.nan), ValueError, "clip_low must be finite"),
+        (lambda: group_advantages(lq, lp, m, ids, clip_high=math.inf), ValueError, "clip_high must be finite"),
+        (lambda: group_advantages(lq, lp, m, ids, bonus=-math.inf), ValueError, "bonus must be finite"),
+        (lambda: group_advantages(lq, lp, m, ids, eps=math.inf), ValueError, "eps must be finite"),
+        (lambda: group_advantages(lq, lp, m, ids, eps=-1.0), ValueError, r"eps must be > 0.*allowed: \(0, inf\)"),
+        (lambda: group_advantages(lq, lp, m, ids, clip_low=1.0, clip_high=1.0), ValueError,
+         "clip_low must be < clip_high"),
+        (lambda: group_advantages(lq, lp, m, ids, bonus="0.1"), TypeError, "bonus must be a number"),
+        (lambda: group_advantages(lq, lp, m, ids, sync="no"), TypeError, "sync must be None, True or False"),
+        (lambda: group_advantages(lq, lp.long(), m, ids), TypeError,
+         "student_logprob must be a floating-point tensor"),
+    ]
+    for fn, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn()
+
+
+def test_teacher_count_inferred_from_ids_is_bounded():
+    b = make_batch(2, 3)
+    with pytest.raises(ValueError, match="teacher_index must be < 2147483648"):
+        trajectory_scores(b["teacher_logprob"], b["mask"], teacher_index=torch.tensor([0, 2**40]))

@@ -454,8 +454,11 @@ def test_bindings_reject_bad_params_naming_the_field():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_teacher_hole_under_student_mass_that_later_underflows(device):
-    # The student's mass at id 0 (where the teacher is -inf) vanishes once a far
-    # larger student logit appears in a later tile: KL is finite, never NaN.
+    # The student's mass at id 0 (where the teacher is -inf) underflows once a far
+    # larger student logit appears in a later tile. The documented rule (since
+    # the kernels' non-finite semantics were fixed): a finite student logit over
+    # a -inf teacher logit gives KL = +inf however small p_0 is, never NaN, and
+    # never a tile-order-dependent finite value.
     s = torch.zeros(2, 1500, dtype=torch.float64, device=device)
     t = torch.zeros(2, 1500, dtype=torch.float64, device=device)
     t[:, 0] = -math.inf
@@ -463,8 +466,8 @@ def test_teacher_hole_under_student_mass_that_later_underflows(device):
     for dt in (torch.float64, torch.float32):
         got = pyopd.reverse_kl(s.to(dt), t.to(dt))
         ref = reverse_kl_ref(s, t, compute_dtype=torch.float64)
-        assert bool(got.kl.isfinite().all())
-        assert_close(got.kl, ref.kl, atol=1e-4, rtol=1e-5, what=f"kl {dt}")
+        assert bool((got.kl == math.inf).all()) and bool((ref.kl == math.inf).all())
+        assert_close(got.student_entropy, ref.student_entropy, atol=1e-4, rtol=1e-5, what=f"H_s {dt}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -479,3 +482,84 @@ def test_kernel_never_reads_out_of_range_token_ids(device):
     assert float(lps[0]) == 0.0 and float(lpt[0]) == 0.0
     assert bool(lps[1:].isnan().all()) and bool(lpt[1:].isnan().all())
     assert bool(kl.isfinite().all())
+
+
+# --------------------------------------------------------------------------- numeric ranges
+
+
+@pytest.mark.parametrize("temperature,exc,match", [
+    (1e-39, ValueError, r"temperature must lie in \[2.94e-39, 8.51e\+37\].*1/temperature"),
+    (2e38, ValueError, r"temperature must lie in \[2.94e-39, 8.51e\+37\]"),
+    (math.inf, ValueError, "temperature must be a finite number > 0"),
+    (-math.inf, ValueError, "temperature must be a finite number > 0"),
+    (True, TypeError, "temperature must be a number"),
+    ("1.0", TypeError, "temperature must be a number"),
+])
+def test_temperature_outside_what_float32_represents(temperature, exc, match):
+    # 1/T must be a normal float32: 1e-39 used to pass and turn every output into NaN.
+    s, t, y = _ok()
+    with pytest.raises(exc, match=match):
+        pyopd.reverse_kl(s, t, y, temperature=temperature)
+    with pytest.raises(exc, match=match):
+        pyopd.token_stats(s, y, temperature=temperature)
+    with pytest.raises(exc, match=match):
+        pyopd.reverse_kl_backward(s, t, y, grad_kl=torch.ones(4), temperature=temperature)
+
+
+@pytest.mark.parametrize("temperature,scale", [(1e-30, 1e-30), (3e-39, 1e-38), (1e37, 1e37)])
+def test_extreme_but_representable_temperatures_are_exact(temperature, scale):
+    # logits of the temperature's magnitude: z = logits / T is O(1) in float32
+    s = _logits(6, 50, scale, torch.float32, "cpu", 60)
+    t = _logits(6, 57, scale, torch.float32, "cpu", 61)
+    y = _tokens(6, 50, "cpu")
+    got = pyopd.reverse_kl(s, t, y, temperature=temperature)
+    for f in FIELDS_KL:
+        assert bool(getattr(got, f).isfinite().all()), f
+    ref = reverse_kl_ref(s.double(), t.double(), y, temperature=temperature, compute_dtype=torch.float64)
+    for f in FIELDS_KL:
+        # lse = logsumexp(logits / T) rounds like the scaled logits do
+        assert_close(getattr(got, f), getattr(ref, f), atol=1e-4, rtol=1e-5, what=f)
+
+
+def test_raw_ops_reject_a_non_normal_inverse_temperature():
+    # What torch.compile (and fused_linear) call: the check also lives inside the op.
+    s, t, y = _ok()
+    for inv_t in (math.inf, 0.0, 1e-39, -1.0, math.nan):
+        with pytest.raises(ValueError, match="temperature must lie in"):
+            torch.ops.pyopd.vocab_stats_fwd(s, t, y, None, inv_t)
+    out = torch.ops.pyopd.vocab_stats_fwd(s, t, y, None, 1.0)
+    with pytest.raises(ValueError, match="temperature must lie in"):
+        torch.ops.pyopd.vocab_stats_bwd(s, t, y, None, out[7], out[0], out[1], torch.ones(4), None,
+                                        None, None, math.inf, torch.float32)
+
+
+def test_bad_upstream_gradients_and_grad_dtype():
+    s, t, y = _ok()
+    with pytest.raises(TypeError, match="grad_kl must be a floating-point tensor"):
+        pyopd.reverse_kl_backward(s, t, y, grad_kl=torch.ones(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="grad_entropy must be a torch.Tensor or None"):
+        pyopd.reverse_kl_backward(s, t, y, grad_entropy=[1.0] * 4)
+    with pytest.raises(TypeError, match="grad_dtype must be float32, bfloat16, float16 or float64"):
+        pyopd.reverse_kl_backward(s, t, y, grad_kl=torch.ones(4), grad_dtype="float32")
+    with pytest.raises(TypeError, match="tokens must be an integer tensor"):
+        pyopd.reverse_kl(s, t, y.bool())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_check_runs_once_per_call_without_host_sync_on_cuda(device):
+    # On CUDA the range check must not synchronise (no .item()/bool() on the device);
+    # on the CPU it raises the clear ValueError. Masked ids are never checked.
+    s, t, y = (x.to(device) for x in _ok())
+    mask = torch.tensor([True, False, True, True], device=device)
+    y = y.clone()
+    y[1] = 10**9  # masked: fine
+    r = pyopd.reverse_kl(s, t, y, mask=mask)
+    assert float(r.kl[1]) == 0.0
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host sync inside the call raises
+        try:
+            pyopd.reverse_kl(s, t, y, mask=mask)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()

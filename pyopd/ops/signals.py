@@ -305,6 +305,9 @@ def trajectory_scores(
         num_teachers: K; default max(teacher_index) + 1 (over all ranks).
         process_group, sync: see the module doc; by default the threshold is
             taken over every rank's rollouts when torch.distributed is initialised.
+            That cross-rank path runs eagerly only: under torch.compile with
+            more than one rank it raises a RuntimeError (pass sync=False, or
+            call it outside the compiled region).
 
     Returns:
         TrajectoryScores: score [B] = S_i = sum_t m log q / sum_t m, keep [B],
@@ -539,7 +542,8 @@ def fire_token_weights(
         teacher_entropy, student_entropy: [B, T] H_t (of the sample's teacher), H_s.
         mask: [B, T] response mask; None = all valid.
         keep: [B] bool from `trajectory_scores`; None = every rollout kept.
-        alpha, beta: >= 0 (default 1, 1).
+        alpha, beta: >= 0 (default 1, 1), with (1 + alpha)(1 + beta), the
+            largest weight before normalisation, at most the float32 maximum.
         normalize: "trajectory" (default, FiRe-OPD Eq. 8): each kept rollout's
             weights average 1 over its valid positions; "batch": the weights
             average 1 over all valid positions of kept rollouts (all ranks).

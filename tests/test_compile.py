@@ -1,0 +1,247 @@
+"""The six public ops under torch.compile(fullgraph=True), static and dynamic shapes.
+
+Each compiled result is compared with the eager call on the same inputs (the
+same kernels run in both, so forward values match exactly under the
+aot_eager backend); the differentiable ops are also compared in backward.
+Checks on argument values and on the data (temperature, token ids,
+teacher_index, alpha) must still fire inside a compiled graph.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pyopd
+from pyopd.ops import distributed
+from pyopd.ops.signals import fire_token_weights, group_advantages, trajectory_filter, trajectory_scores
+from _helpers import assert_close
+
+MODES = [pytest.param(False, id="static"), pytest.param(True, id="dynamic")]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Each test compiles its own closures; a shared cache would hit the recompile limit.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compile(fn, dynamic: bool, backend: str = "aot_eager"):
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=backend)
+
+
+def _vocab_inputs(b: int, t: int, v: int, vt: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(b, t, v, generator=g) * 2
+    te = torch.randn(b, t, vt, generator=g) * 2
+    y = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.rand(b, t, generator=g) > 0.25
+    return s, te, y, mask
+
+
+def _signal_inputs(b: int, t: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        lq=-torch.rand(b, t, generator=g) * 3,
+        lp=-torch.rand(b, t, generator=g) * 3,
+        ht=torch.rand(b, t, generator=g) * 2,
+        hs=torch.rand(b, t, generator=g) * 2,
+        kl=torch.rand(b, t, generator=g),
+        mask=torch.rand(b, t, generator=g) > 0.3,
+        teacher=torch.randint(0, 3, (b,), generator=g),
+        group=torch.randint(0, 4, (b,), generator=g),
+    )
+
+
+def _assert_same(got, want, what: str) -> None:
+    assert type(got) is type(want), what
+    for name, a, e in zip(want._fields, got, want):
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{what}.{name}"
+        assert torch.equal(a, e) or bool(((a == e) | (a.isnan() & e.isnan())).all()), f"{what}.{name}"
+
+
+# --------------------------------------------------------------------------- vocabulary ops
+
+
+def _kl_loss(x, t, y, mask, temperature):
+    r = pyopd.reverse_kl(x, t, y, mask=mask, temperature=temperature)
+    return (r.kl + 0.3 * r.student_entropy - r.student_logprob + 0.1 * r.student_lse).sum(), r
+
+
+def _ts_loss(x, y, mask, temperature):
+    r = pyopd.token_stats(x, y, mask=mask, temperature=temperature)
+    return (r.logprob - 0.5 * r.entropy + 0.1 * r.lse).sum(), r
+
+
+@pytest.mark.parametrize("dynamic", MODES)
+def test_reverse_kl_forward_and_backward(dynamic):
+    fn = _compile(_kl_loss, dynamic)
+    # two shapes and two temperatures: the dynamic graph must serve both
+    for (b, t, v, vt), temp, seed in (((2, 5, 37, 40), 0.7, 0), ((3, 4, 50, 50), 1.3, 1)):
+        s, te, y, mask = _vocab_inputs(b, t, v, vt, seed)
+        x1, x2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+        loss_e, r_e = _kl_loss(x1, te, y, mask, temp)
+        loss_c, r_c = fn(x2, te, y, mask, temp)
+        _assert_same(r_c, r_e, "reverse_kl")
+        loss_e.backward()
+        loss_c.backward()
+        assert torch.equal(x2.grad, x1.grad)
+
+
+@pytest.mark.parametrize("dynamic", MODES)
+def test_token_stats_forward_and_backward(dynamic):
+    fn = _compile(_ts_loss, dynamic)
+    for (b, t, v), temp, seed in (((2, 5, 33), 0.9, 2), ((4, 3, 64), 2.0, 3)):
+        s, _, y, mask = _vocab_inputs(b, t, v, v, seed)
+        x1, x2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+        loss_e, r_e = _ts_loss(x1, y, mask, temp)
+        loss_c, r_c = fn(x2, y, mask, temp)
+        _assert_same(r_c, r_e, "token_stats")
+        loss_e.backward()
+        loss_c.backward()
+        assert torch.equal(x2.grad, x1.grad)
+
+
+@pytest.mark.parametrize("dynamic", MODES)
+def test_reverse_kl_backward_functional(dynamic):
+    def fn(s, t, y, g, temp):
+        return pyopd.reverse_kl_backward(s, t, y, grad_kl=g, grad_logprob=-g, temperature=temp,
+                                         grad_dtype=torch.float32)
+
+    cfn = _compile(fn, dynamic)
+    for seed, shape in ((4, (2, 3, 21, 30)), (5, (1, 6, 40, 41))):
+        s, te, y, _ = _vocab_inputs(*shape, seed)
+        s = s.to(torch.bfloat16)
+        g = torch.randn(shape[:2], generator=torch.Generator().manual_seed(seed))
+        res_e, grad_e = fn(s, te, y, g, 0.8)
+        res_c, grad_c = cfn(s, te, y, g, 0.8)
+        _assert_same(res_c, res_e, "reverse_kl_backward")
+        assert grad_c.dtype == torch.float32 and torch.equal(grad_c, grad_e)
+
+
+@pytest.mark.parametrize("dynamic", MODES)
+def test_vocab_argument_checks_fire_inside_the_graph(dynamic):
+    fn = _compile(lambda x, t, y, temp: pyopd.reverse_kl(x, t, y, temperature=temp).kl, dynamic)
+    s, te, y, _ = _vocab_inputs(2, 3, 20, 24, 6)
+    fn(s, te, y, 1.0)
+    bad = y.clone()
+    bad[1, 2] = 20
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 20\).*found 20"):
+        fn(s, te, bad, 1.0)
+    bad[1, 2] = -3
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 20\).*found -3"):
+        fn(s, te, bad, 1.0)
+    for temp in (1e-39, 0.0, -2.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="temperature must"):
+            fn(s, te, y, temp)
+
+
+def test_masked_padding_ids_pass_under_compile():
+    fn = _compile(lambda x, y, m: pyopd.token_stats(x, y, mask=m).logprob, True)
+    s, _, y, mask = _vocab_inputs(2, 4, 16, 16, 7)
+    y = torch.where(mask, y, torch.full_like(y, -100))  # HF-style padding under the mask
+    assert torch.equal(fn(s, y, mask), pyopd.token_stats(s, y, mask=mask).logprob)
+
+
+# --------------------------------------------------------------------------- signal ops
+
+
+@pytest.mark.parametrize("dynamic", MODES)
+@pytest.mark.parametrize("multi", [False, True], ids=["one-teacher", "multi-teacher"])
+def test_trajectory_scores_and_filter(dynamic, multi):
+    def fn(lq, mask, kl, ht, hs, teacher, p):
+        ts = trajectory_scores(lq, mask, kl=kl, teacher_entropy=ht, student_entropy=hs, p=p,
+                               teacher_index=teacher)
+        tf = trajectory_filter(ts.score, ts.length, p=p, teacher_index=teacher)
+        return ts, tf
+
+    cfn = _compile(fn, dynamic)
+    for b, t, seed in ((8, 7, 10), (13, 5, 11)):
+        d = _signal_inputs(b, t, seed)
+        args = (d["lq"], d["mask"], d["kl"], d["ht"], d["hs"], d["teacher"] if multi else None, 30.0)
+        for got, want, what in zip(cfn(*args), fn(*args), ("trajectory_scores", "trajectory_filter")):
+            _assert_same(got, want, what)
+
+
+@pytest.mark.parametrize("dynamic", MODES)
+@pytest.mark.parametrize("normalize", ["trajectory", "batch"])
+def test_fire_token_weights(dynamic, normalize):
+    def fn(ht, hs, mask, keep, teacher, alpha, beta):
+        return fire_token_weights(ht, hs, mask, keep=keep, alpha=alpha, beta=beta, normalize=normalize,
+                                  teacher_index=teacher, num_teachers=3)
+
+    cfn = _compile(fn, dynamic)
+    for b, t, seed in ((6, 9, 12), (11, 4, 13)):
+        d = _signal_inputs(b, t, seed)
+        keep = torch.arange(b) % 4 != 1
+        args = (d["ht"], d["hs"], d["mask"], keep, d["teacher"], 0.5, 2.0)
+        _assert_same(cfn(*args), fn(*args), "fire_token_weights")
+
+
+@pytest.mark.parametrize("dynamic", MODES)
+def test_group_advantages(dynamic):
+    def fn(lq, lp, mask, group, bonus):
+        return group_advantages(lq, lp, mask, group, clip_low=-2.0, clip_high=4.0, bonus=bonus)
+
+    cfn = _compile(fn, dynamic)
+    for b, t, seed in ((8, 6, 14), (5, 10, 15)):
+        d = _signal_inputs(b, t, seed)
+        args = (d["lq"], d["lp"], d["mask"], d["group"], 0.05)
+        _assert_same(cfn(*args), fn(*args), "group_advantages")
+
+
+@pytest.mark.parametrize("dynamic", MODES)
+def test_signal_checks_fire_inside_the_graph(dynamic):
+    d = _signal_inputs(4, 5, 16)
+    scores = _compile(lambda lq, m, ti: trajectory_scores(lq, m, teacher_index=ti, num_teachers=2), dynamic)
+    scores(d["lq"], d["mask"], torch.tensor([0, 1, 1, 0]))
+    with pytest.raises(ValueError, match="teacher_index must be < num_teachers=2"):
+        scores(d["lq"], d["mask"], torch.tensor([0, 2, 1, 0]))
+    with pytest.raises(ValueError, match="teacher_index must be >= 0"):
+        scores(d["lq"], d["mask"], torch.tensor([0, -1, 1, 0]))
+    weights = _compile(lambda ht, hs, a: fire_token_weights(ht, hs, alpha=a).weight, dynamic)
+    weights(d["ht"], d["hs"], 0.5)
+    with pytest.raises(ValueError, match="alpha and beta are too large"):
+        weights(d["ht"], d["hs"], 1e39)
+    adv = _compile(lambda lq, lp, g, e: group_advantages(lq, lp, None, g, eps=e).advantage, dynamic)
+    adv(d["lq"], d["lp"], d["group"], 1e-6)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        adv(d["lq"], d["lp"], d["group"], -1e-3)
+
+
+def test_cross_rank_path_refuses_to_compile(monkeypatch):
+    # Pretend torch.distributed has several ranks: the signal ops must refuse to
+    # trace their collectives (with a message that says what to do), not hang.
+    monkeypatch.setattr(distributed, "sync_group", lambda process_group, sync: "several-ranks")
+    d = _signal_inputs(3, 4, 17)
+    fn = _compile(lambda lq, m: trajectory_scores(lq, m).keep, False)
+    with pytest.raises(Exception, match="cannot run under torch.compile.*sync=False"):
+        fn(d["lq"], d["mask"])
+
+
+# --------------------------------------------------------------------------- inductor
+
+
+def test_inductor_backend_dynamic():
+    """The default backend too (the custom ops become fallback kernels), one shape change."""
+    def fn(x, t, y, mask, temp, ht, hs, lq, group):
+        loss, r = _kl_loss(x, t, y, mask, temp)
+        w = fire_token_weights(ht, hs, mask)
+        a = group_advantages(lq, -r.student_logprob.detach(), mask, group)
+        return loss, w.weight, a.advantage
+
+    cfn = _compile(fn, True, backend="inductor")
+    for shape, seed in (((2, 5, 37, 40), 20), ((3, 4, 30, 33), 21)):
+        s, te, y, mask = _vocab_inputs(*shape, seed)
+        d = _signal_inputs(shape[0], shape[1], seed)
+        x1, x2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+        out_e = fn(x1, te, y, mask, 0.9, d["ht"], d["hs"], d["lq"], d["group"])
+        out_c = cfn(x2, te, y, mask, 0.9, d["ht"], d["hs"], d["lq"], d["group"])
+        for a, e, what in zip(out_c, out_e, ("loss", "weight", "advantage")):
+            assert_close(a, e, atol=1e-5, rtol=1e-5, what=what)
+        out_e[0].backward()
+        out_c[0].backward()
+        assert_close(x2.grad, x1.grad, atol=1e-6, rtol=1e-5, what="grad")
