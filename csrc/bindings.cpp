@@ -14,6 +14,9 @@
 #include "pyopd/runtime.h"
 #include "pyopd/signals.h"
 #include "pyopd/vocab_stats.h"
+#ifdef PYOPD_WITH_CUDA
+#include "cuda/cuda_status.h"  // csrc/cuda, next to this file
+#endif
 
 namespace py = pybind11;
 using namespace pyopd;
@@ -104,8 +107,23 @@ void on_device(int device, Cpu&& cpu, Cuda&& cuda) {
     throw std::runtime_error("This build of pyopd has no CUDA kernels (built without nvcc); "
                              "reinstall with PYOPD_CUDA=ON on a machine with the CUDA toolkit");
   }
-  py::gil_scoped_release nogil;
-  raise_if(cuda());
+  const char* err = nullptr;
+  {
+    py::gil_scoped_release nogil;
+    err = cuda();
+  }
+#ifdef PYOPD_WITH_CUDA
+  if (err != nullptr) {
+    // A CUDA error on a machine where the kernels cannot run at all (no or an
+    // old driver, no device) says why, instead of only the runtime's message.
+    const CudaStatus st = cuda_status();
+    if (!st.available) {
+      throw std::runtime_error(std::string("pyopd CUDA kernels cannot run: ") + st.reason +
+                               " (CUDA error: " + err + ")");
+    }
+  }
+#endif
+  raise_if(err);
 }
 
 // ---- signals bindings (trajectory_scores, fire_token_weights, group_advantages)
@@ -337,6 +355,21 @@ PYBIND11_MODULE(_C, m) {
     return 0;
 #endif
   });
+  m.def(
+      "cuda_status",
+      []() -> py::tuple {
+#ifdef PYOPD_WITH_CUDA
+        const CudaStatus st = cuda_status();
+        return py::make_tuple(st.available, st.reason, st.driver_version, st.runtime_version);
+#else
+        return py::make_tuple(false,
+                              std::string("this build of pyopd has no CUDA kernels (built without "
+                                          "nvcc); reinstall with PYOPD_CUDA=ON"),
+                              0, 0);
+#endif
+      },
+      "(available, reason, driver_version, runtime_version): whether the CUDA kernels can run "
+      "here and, if not, why. Versions are CUDA versions as 1000 * major + 10 * minor, 0 if none.");
 
   // ---- vocabulary statistics (token_stats, reverse_kl) ----------------------
   py::enum_<DType>(m, "DType")

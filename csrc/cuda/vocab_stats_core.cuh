@@ -72,6 +72,9 @@ PYOPD_HD double vmul(double a, double b) {
 template <typename Acc> PYOPD_HD Acc max_finite();
 template <> PYOPD_HD float max_finite<float>() { return FLT_MAX; }
 template <> PYOPD_HD double max_finite<double>() { return DBL_MAX; }
+// Plain IEEE tests, the same in host and device code (no fast-math here).
+template <typename Acc> PYOPD_HD bool finite(Acc v) { return v - v == Acc(0); }  // false for inf, NaN
+template <typename Acc> PYOPD_HD bool is_nan(Acc v) { return v != v; }
 // min(v, 0) that keeps NaN (a log-prob is <= 0; rounding may give +1 ulp).
 template <typename Acc> PYOPD_HD Acc nonpos(Acc v) { return v > Acc(0) ? Acc(0) : v; }
 // 2^x. In float this is the hardware's MUFU.EX2 alone (ex2.approx.ftz: about
@@ -119,7 +122,8 @@ PYOPD_HD uint32_t float_to_bits(float f) {
 // ---- loads and stores ---------------------------------------------------------
 // A chunk is K consecutive elements; vector chunks are loaded and stored as
 // 16-, 8- or 4-byte words, so their address must be aligned to
-// min(16, K * sizeof(T)) bytes (see chunk_aligned). K == 1 is a plain element.
+// min(16, K * sizeof(T)) bytes (kChunkAlign; load_chunk_at reads chunks that
+// are not). K == 1 is a plain element.
 
 template <typename T> PYOPD_HD T load_elem(const T* p) {
 #ifdef __CUDA_ARCH__
@@ -269,17 +273,73 @@ PYOPD_HD void store_chunk(G* p, const Acc (&v)[K]) {
   }
 }
 
-// Elements from p to the next 16-byte boundary, or -1 when p is not even
+// Alignment (bytes) a K-element chunk of T needs for word accesses.
+template <int K, typename T> constexpr int kChunkAlign = K * sizeof(T) < 16 ? K * sizeof(T) : 16;
+
+// Elements from p to the next kAlign-byte boundary, or -1 when p is not even
 // aligned to its element size (then only scalar accesses are safe).
-template <typename T> PYOPD_HD int head_to_16(const T* p) {
+template <int kAlign, typename T> PYOPD_HD int head_to(const T* p) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if (a % sizeof(T) != 0) return -1;
-  return static_cast<int>(((16 - a % 16) % 16) / sizeof(T));
+  return static_cast<int>(((kAlign - a % kAlign) % kAlign) / sizeof(T));
 }
-// Whether K-element chunks starting at p can use word accesses.
-template <int K, typename T> PYOPD_HD bool chunk_aligned(const T* p) {
-  constexpr uintptr_t kAlign = K * sizeof(T) < 16 ? K * sizeof(T) : 16;
-  return reinterpret_cast<uintptr_t>(p) % kAlign == 0;
+
+// Byte offset of p past its chunk alignment, or -1 when p is not aligned to
+// its element size. Chunks of a stream that start at p + i K all have it.
+template <int K, typename T> PYOPD_HD int chunk_offset(const T* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a % sizeof(T) != 0) return -1;
+  return static_cast<int>(a % kChunkAlign<K, T>);
+}
+
+// K elements of T at p, where p is `ob` bytes past a kChunkAlign boundary
+// (ob is the same for every chunk of a row, so the branch is uniform). With
+// ob != 0 the chunk straddles kChunkAlign-byte words: the words around it are
+// loaded aligned (each overlaps the chunk, so none can leave its allocation)
+// and the chunk's words are cut out of them with word selects and a 16-bit
+// funnel shift. Neighbouring threads load the same words, which L1 serves:
+// DRAM traffic is that of the aligned case.
+template <int K, typename T, typename Acc>
+PYOPD_HD void load_chunk_at(const T* p, int ob, Acc (&out)[K]) {
+  if constexpr (K == 1) {
+    (void)ob;
+    load_chunk<1>(p, out);
+  } else {
+    constexpr int kB = K * sizeof(T), kA = kChunkAlign<K, T>;
+    constexpr int kNW = kB / 4, kNA = kA / 4;  // words in the chunk, in an aligned word
+    if (ob == 0) {
+      load_chunk<K>(p, out);
+      return;
+    }
+    const char* base = reinterpret_cast<const char*>(p) - ob;
+    uint32_t cat[kNW + kNA];
+PYOPD_UNROLL
+    for (int i = 0; i <= kB / kA; ++i) {
+      uint32_t w[kNA];
+      load_words<kA>(base + i * kA, w);
+PYOPD_UNROLL
+      for (int k = 0; k < kNA; ++k) cat[i * kNA + k] = w[k];
+    }
+    // Barrel shift by ob / 4 words: one select stage per bit, all on registers.
+    const int ws = ob / 4;
+PYOPD_UNROLL
+    for (int bit = 1; bit < kNA; bit *= 2) {
+      const bool on = (ws & bit) != 0;
+PYOPD_UNROLL
+      for (int k = 0; k + bit < kNW + kNA; ++k) cat[k] = on ? cat[k + bit] : cat[k];
+    }
+    uint32_t w[kNW];
+    const int hs = (ob % 4) * 8;  // 0 or 16: 2-byte types may sit mid-word
+PYOPD_UNROLL
+    for (int k = 0; k < kNW; ++k) {
+#ifdef __CUDA_ARCH__
+      w[k] = __funnelshift_r(cat[k], cat[k + 1], hs);
+#else
+      w[k] = hs == 0 ? cat[k] : (cat[k] >> hs) | (cat[k + 1] << (32 - hs));
+#endif
+    }
+    decode<K>(w, out, T());
+  }
 }
 
 // ---- running state of a row ----------------------------------------------------
@@ -462,10 +522,13 @@ PYOPD_UNROLL
   }
 };
 
+// The student leads (its chunks are aligned); the teacher's chunks are ob_t
+// bytes past their alignment.
 template <typename S, typename T> struct FwdJoint {
   using Acc = acc_t<S>;
   const S* s;
   const T* t;
+  int ob_t;
   Acc inv_t;
   RowState<Acc>& st;
   template <int K, int N, int kStride> PYOPD_HD void run(int j0) {
@@ -473,7 +536,7 @@ template <typename S, typename T> struct FwdJoint {
 PYOPD_UNROLL
     for (int u = 0; u < N; ++u) {
       load_chunk<K>(s + j0 + u * kStride, xs[u]);
-      load_chunk<K>(t + j0 + u * kStride, xt[u]);
+      load_chunk_at<K>(t + j0 + u * kStride, ob_t, xt[u]);
     }
     accumulate_joint(st, xs, xt, inv_t);
   }
@@ -508,20 +571,24 @@ template <typename Acc> struct BwdCoeffs {
   int y;  // sampled id, -1 when none
 };
 
+// The gradient, the only stored stream, leads (its chunks are aligned); the
+// student's and teacher's chunks are ob_s and ob_t bytes past their alignment.
+// Ids j are relative to the slice start; y is too.
 template <typename S, typename T, typename G> struct BwdRow {
   using Acc = acc_t<S>;
   static constexpr bool kTeacher = !std::is_same<T, NoTeacher>::value;
   const S* s;
   const T* t;
   G* g;
+  int ob_s, ob_t;
   const BwdCoeffs<Acc>& c;
   template <int K, int N, int kStride> PYOPD_HD void run(int j0) {
     Acc xs[N][K];
     Acc xt[kTeacher ? N : 1][K];
 PYOPD_UNROLL
     for (int u = 0; u < N; ++u) {
-      load_chunk<K>(s + j0 + u * kStride, xs[u]);
-      if constexpr (kTeacher) load_chunk<K>(t + j0 + u * kStride, xt[u]);
+      load_chunk_at<K>(s + j0 + u * kStride, ob_s, xs[u]);
+      if constexpr (kTeacher) load_chunk_at<K>(t + j0 + u * kStride, ob_t, xt[u]);
     }
 PYOPD_UNROLL
     for (int u = 0; u < N; ++u) {
@@ -626,37 +693,49 @@ template <typename S, typename P> PYOPD_HD const S* student_row(const P& p, int6
 
 // ---- one thread's share of a row ---------------------------------------------------------
 // The kernels run these on TPR threads per row; thread `tid` returns (forward)
-// the state of the ids it visited, to be merged with the other threads'.
+// the state of the ids it visited, to be merged with the other threads'. A
+// row may also be split into slices [jb, je) of its ids, each done by its own
+// block (few rows); the slices' states merge like the threads' do.
+
+// Walks ids [0, n) of a lead stream at `lead`, K-element chunks aligned on it.
+// `others_ok`: the other streams are element-aligned (else all scalar).
+template <int K, int U, int TPR, typename Lead, typename Op>
+PYOPD_HD void walk_led_by(Op& op, const Lead* lead, int n, bool others_ok, int tid) {
+  const int head = head_to<kChunkAlign<K, Lead>>(lead);
+  walk_row<K, U, TPR>(op, n, head, head >= 0 && others_ok, tid);
+}
 
 template <typename S, typename T, int TPR>
-PYOPD_HD RowState<acc_t<S>> fwd_row_part(const VocabStatsFwdParams& p, int64_t r, int tid) {
+PYOPD_HD RowState<acc_t<S>> fwd_row_part(const VocabStatsFwdParams& p, int64_t r, int tid,
+                                         int64_t jb, int64_t je) {
   using Acc = acc_t<S>;
   const Acc inv_t = static_cast<Acc>(p.inv_temperature);
-  const int V = static_cast<int>(p.vocab);
-  const S* srow = student_row<S>(p, r);
+  const int64_t V = p.vocab;
   RowState<Acc> st = empty_state<Acc>();
+  const int64_t jv = je < V ? je : V;  // end of the ids < V in the slice
   if constexpr (std::is_same<T, NoTeacher>::value) {
     constexpr int K = 16 / sizeof(S);
+    const S* srow = student_row<S>(p, r) + jb;
     FwdStudentOnly<S> op{srow, inv_t, st.s};
-    const int head = head_to_16(srow);
-    walk_row<K, 4, TPR>(op, V, head, head >= 0, tid);
+    walk_led_by<K, 4, TPR>(op, srow, static_cast<int>(jv - jb), true, tid);
   } else {
-    const T* trow = teacher_row<T>(p, r);
-    {
+    if (jb < V) {
       // Student and teacher advance together in chunks of one 16-byte student
-      // word; the teacher's part of a chunk must be aligned at the same id.
+      // word; the teacher's chunks may sit at another offset (load_chunk_at).
       constexpr int K = 16 / sizeof(S);
-      FwdJoint<S, T> op{srow, trow, inv_t, st};
-      const int head = head_to_16(srow);
-      const bool vec = head >= 0 && chunk_aligned<K>(trow + head);
-      walk_row<K, 2, TPR>(op, V, head, vec, tid);
+      const S* srow = student_row<S>(p, r) + jb;
+      const T* trow = teacher_row<T>(p, r) + jb;
+      const int head = head_to<16>(srow);
+      const int ob_t = head >= 0 ? chunk_offset<K>(trow + head) : -1;
+      FwdJoint<S, T> op{srow, trow, ob_t, inv_t, st};
+      walk_row<K, 2, TPR>(op, static_cast<int>(jv - jb), head, head >= 0 && ob_t >= 0, tid);
     }
-    {
+    const int64_t tb = jb > V ? jb : V;  // teacher-only ids [tb, je)
+    if (tb < je) {
       constexpr int K = 16 / sizeof(T);
-      const T* tail = trow + V;
+      const T* tail = teacher_row<T>(p, r) + tb;
       FwdTeacherTail<T, Acc> op{tail, inv_t, st};
-      const int head = head_to_16(tail);
-      walk_row<K, 4, TPR>(op, static_cast<int>(p.teacher_vocab - p.vocab), head, head >= 0, tid);
+      walk_led_by<K, 4, TPR>(op, tail, static_cast<int>(je - tb), true, tid);
     }
   }
   return st;
@@ -678,7 +757,7 @@ PYOPD_HD void finalize_fwd(const VocabStatsFwdParams& p, int64_t r, const RowSta
   // Log-probs are <= 0 (nonpos): the rounding of z - m - log Z may give +1 ulp.
   const double zs = st.s.Z, log_zs = log(zs);
   const double lse_s = double(st.s.m) + log_zs;
-  const bool fin_s = isfinite(lse_s);
+  const bool fin_s = finite(lse_s);
   out(p.student_entropy, fin_s ? nonneg(log_zs - double(st.s.A) / zs) : double(NAN));
   out(p.student_lse, lse_s);
   double lp_s = 0.0;  // no sampled id
@@ -697,7 +776,7 @@ PYOPD_HD void finalize_fwd(const VocabStatsFwdParams& p, int64_t r, const RowSta
   if constexpr (kTeacher) {
     const double zt = st.t.Z, log_zt = log(zt);
     const double lse_t = double(st.t.m) + log_zt;
-    const bool fin_t = isfinite(lse_t);
+    const bool fin_t = finite(lse_t);
     out(p.teacher_entropy, fin_t ? nonneg(log_zt - double(st.t.A) / zt) : double(NAN));
     out(p.teacher_lse, lse_t);
     double lp_t = 0.0;
@@ -708,39 +787,48 @@ PYOPD_HD void finalize_fwd(const VocabStatsFwdParams& p, int64_t r, const RowSta
       lp_t = nonpos(double(z - st.t.m) - log_zt);
     }
     out(p.teacher_logprob, lp_t);
-    // KL: NaN without both distributions; +inf when the teacher has a hole
-    // under a finite student logit (even one whose p underflows to 0).
+    // KL: +inf when the teacher has a hole under a finite student logit (even
+    // one whose p underflows to 0; an all -inf teacher is all hole); NaN when
+    // the student has no distribution or the teacher's lse is NaN or +inf.
     double kl = NAN;
-    if (fin_s && fin_t) kl = st.H == -neg_inf<Acc>() ? double(INFINITY) : nonneg(double(st.D) / zs - log_zs + log_zt);
+    if (fin_s && !is_nan(lse_t) && lse_t != double(INFINITY)) {
+      kl = st.H == -neg_inf<Acc>() ? double(INFINITY) : nonneg(double(st.D) / zs - log_zs + log_zt);
+    }
     out(p.kl, kl);
     stats[2] = st.t.m;
     stats[3] = static_cast<Acc>(log_zt);
   }
 }
 
-// Gradient of one row with the teacher read (T) or not (NoTeacher).
+// Gradient of ids [jb, jb + n) of a row, the teacher read (T) or not (NoTeacher).
+// The gradient leads; student and teacher loads follow at their own offsets.
 template <typename S, typename T, typename G, int TPR>
-PYOPD_HD void bwd_walk(const S* srow, const T* trow, G* grow, int V, const BwdCoeffs<acc_t<S>>& c,
+PYOPD_HD void bwd_walk(const S* srow, const T* trow, G* grow, int n, const BwdCoeffs<acc_t<S>>& c,
                        int tid) {
   constexpr int K = 16 / sizeof(S);
-  BwdRow<S, T, G> op{srow, trow, grow, c};
-  const int head = head_to_16(srow);
-  bool vec = head >= 0 && chunk_aligned<K>(grow + head);
-  if constexpr (!std::is_same<T, NoTeacher>::value) vec = vec && chunk_aligned<K>(trow + head);
-  walk_row<K, 2, TPR>(op, V, head, vec, tid);
+  constexpr bool kTeacher = !std::is_same<T, NoTeacher>::value;
+  const int head = head_to<kChunkAlign<K, G>>(grow);
+  const int ob_s = head >= 0 ? chunk_offset<K>(srow + head) : -1;
+  int ob_t = 0;
+  if constexpr (kTeacher) ob_t = head >= 0 ? chunk_offset<K>(trow + head) : -1;
+  BwdRow<S, T, G> op{srow, trow, grow, ob_s, ob_t, c};
+  // Two chunks per step in flight, except where the teacher or gradient is
+  // wider than the student (32-byte chunks): those spill registers at the
+  // 64-register budget with two.
+  constexpr bool kWide = sizeof(G) > sizeof(S) || (kTeacher && sizeof(T) > sizeof(S));
+  walk_row<K, kWide ? 1 : 2, TPR>(op, n, head, head >= 0 && ob_s >= 0 && ob_t >= 0, tid);
 }
 
-// Thread tid's share of the gradient of row r (no cross-thread state).
+// Thread tid's share of the gradient of ids [jb, je) of row r (no cross-thread
+// state, so slices need no merge).
 template <typename S, typename T, typename G, int TPR>
-PYOPD_HD void bwd_row_part(const VocabStatsBwdParams& p, int64_t r, int tid) {
+PYOPD_HD void bwd_row_part(const VocabStatsBwdParams& p, int64_t r, int tid, int64_t jb, int64_t je) {
   using Acc = acc_t<S>;
-  const int V = static_cast<int>(p.vocab);
-  G* grow = static_cast<G*>(p.grad_student) + r * p.vocab;
+  const int n = static_cast<int>(je - jb);
+  G* grow = static_cast<G*>(p.grad_student) + r * p.vocab + jb;
   if (p.mask != nullptr && !p.mask[r]) {
-    constexpr int K = 16 / sizeof(G);
     ConstRow<G, Acc> op{grow, Acc(0)};
-    const int head = head_to_16(grow);
-    walk_row<K, 4, TPR>(op, V, head, head >= 0, tid);
+    walk_led_by<16 / sizeof(G), 4, TPR>(op, grow, n, true, tid);
     return;
   }
   // Per-row inputs are float (double for float64 logits), like the forward's
@@ -763,30 +851,29 @@ PYOPD_HD void bwd_row_part(const VocabStatsBwdParams& p, int64_t r, int tid) {
   // The gradient is undefined (all NaN) where the student has no distribution
   // (lse NaN or +-inf), or where an output with a nonzero upstream gradient is
   // not finite (a +inf KL from a teacher hole, a NaN entropy).
-  const bool undefined = !isfinite(c.ms + c.log_zs) || (g_kl != Acc(0) && !isfinite(kl)) ||
-                         (g_h != Acc(0) && !isfinite(hs));
+  const bool undefined = !finite(c.ms + c.log_zs) || (g_kl != Acc(0) && !finite(kl)) ||
+                         (g_h != Acc(0) && !finite(hs));
   if (undefined) {
-    constexpr int K = 16 / sizeof(G);
     ConstRow<G, Acc> op{grow, static_cast<Acc>(NAN)};
-    const int head = head_to_16(grow);
-    walk_row<K, 4, TPR>(op, V, head, head >= 0, tid);
+    walk_led_by<16 / sizeof(G), 4, TPR>(op, grow, n, true, tid);
     return;
   }
   c.a = g_kl - g_h;
   c.b = -g_kl * kl - g_lp - g_h * hs + g_lse;
   c.g_kl = g_kl;
   c.g_lp = g_lp;
-  c.y = y < p.vocab ? static_cast<int>(y) : -1;
-  const S* srow = student_row<S>(p, r);
+  // The one-hot term's id relative to the slice; -1 (never matched) outside it.
+  c.y = y >= jb && y < je ? static_cast<int>(y - jb) : -1;
+  const S* srow = student_row<S>(p, r) + jb;
   // The teacher is read only where the KL has a nonzero upstream gradient
   // (the launch picks T = NoTeacher when grad_kl is null), as on the CPU.
   if constexpr (!std::is_same<T, NoTeacher>::value) {
     if (g_kl != Acc(0)) {
-      bwd_walk<S, T, G, TPR>(srow, teacher_row<T>(p, r), grow, V, c, tid);
+      bwd_walk<S, T, G, TPR>(srow, teacher_row<T>(p, r) + jb, grow, n, c, tid);
       return;
     }
   }
-  bwd_walk<S, NoTeacher, G, TPR>(srow, nullptr, grow, V, c, tid);
+  bwd_walk<S, NoTeacher, G, TPR>(srow, nullptr, grow, n, c, tid);
 }
 
 }  // namespace vs_cuda

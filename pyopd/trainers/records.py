@@ -1,4 +1,4 @@
-"""Metrics as JSONL (one object per step, resumable) and a PNG of the curves."""
+"""Metrics as JSONL (one object per step, resumable) and PNGs of the curves and the safety plane."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 
 class JsonlLog:
@@ -94,68 +94,196 @@ def read_jsonl(path: Path, log: Optional[Callable[[str], None]] = None) -> list[
     return out
 
 
-def _pyplot():
-    """matplotlib.pyplot on the headless Agg backend, or None when matplotlib is missing."""
+# ----------------------------------------------------------------------------- plots
+#
+# Figures are built on matplotlib's object API (no pyplot): nothing global such as
+# the backend of a user's notebook is changed, and nothing has to be closed.
+
+Panel = Union[str, tuple[str, Sequence[str]]]
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def _mpl_ok() -> bool:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
-        return None
-    return plt
+        return False
+    return True
 
 
-def plot_curves(runs: dict[str, Sequence[dict]], keys: Iterable[str], out: Path,
-                title: str = "") -> Optional[Path]:
-    """One panel per metric key, one line per run. Returns None without matplotlib."""
-    plt = _pyplot()
-    if plt is None:
+def run_colors(names: Sequence[str]) -> dict[str, tuple]:
+    """One fixed colour per run, in the order the runs are given (tab10, then tab20 for > 10)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: cmap.colors[i % len(cmap.colors)] for i, n in enumerate(names)}
+
+
+def _panels(keys: Union[Iterable[str], Mapping[str, Panel]]) -> list[tuple[str, str, Optional[list[str]]]]:
+    """Normalise the panel spec to [(title, key, runs or None for all)]."""
+    if isinstance(keys, Mapping):
+        out = []
+        for title, spec in keys.items():
+            if isinstance(spec, str):
+                out.append((str(title), spec, None))
+            else:
+                key, names = spec
+                out.append((str(title), key, list(names)))
+        return out
+    if isinstance(keys, str):
+        raise TypeError("keys must be a list of metric keys or a mapping, not a single string")
+    return [(k, k, None) for k in keys]
+
+
+def _build_curves(runs: Mapping[str, Sequence[dict]], keys: Union[Iterable[str], Mapping[str, Panel]],
+                  title: str = ""):
+    """The figure of `plot_curves` (a matplotlib Figure), or None when no panel has data."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    names = list(runs)
+    color = run_colors(names)
+    marker = {n: _MARKERS[i % len(_MARKERS)] for i, n in enumerate(names)}
+    panels = []
+    for ptitle, key, subset in _panels(keys):
+        unknown = [n for n in subset or [] if n not in runs]
+        if unknown:
+            raise ValueError(f"panel {ptitle!r} names runs {unknown} that are not in runs {names}")
+        members = subset if subset is not None else names
+        data = {n: [(r["step"], r[key]) for r in runs[n] if r.get(key) is not None] for n in members}
+        if any(data.values()):
+            panels.append((ptitle, data))
+    if not panels:
         return None
-    keys = [k for k in keys if any(k in r for recs in runs.values() for r in recs)]
-    if not keys:
-        return None
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        for name, recs in runs.items():
-            pts = [(r["step"], r[key]) for r in recs if key in r and r[key] is not None]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if len(pts) < 15 else None, ms=3, label=name)
-        ax.set_title(key, fontsize=9)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.1 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, (ptitle, data) in zip(axes.flat, panels):
+        for n, pts in data.items():
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, color=color[n], marker=marker[n], ms=3.5,
+                    markevery=max(1, len(pts) // 12), lw=1.4, label=n)
+        absent = [n for n, pts in data.items() if not pts]
+        if absent:  # say so instead of leaving the reader to guess from the colours
+            ax.text(0.02, 0.02, "not logged: " + ", ".join(absent), transform=ax.transAxes,
+                    fontsize=6.5, color="0.35", va="bottom")
+        ax.set_title(ptitle, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    handles = [Line2D([], [], color=color[n], marker=marker[n], ms=5, lw=1.6, label=n) for n in names]
+    # as many legend columns as fit the figure's width (long run names wrap into rows)
+    longest = max(len(n) for n in names)
+    fit = int(fig.get_figwidth() * 72 / (8 * 0.6 * longest + 36))
+    fig.legend(handles=handles, loc="outside lower center", ncols=max(1, min(len(names), 6, fit)),
+               fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    return fig
+
+
+def plot_curves(runs: Mapping[str, Sequence[dict]], keys: Union[Iterable[str], Mapping[str, Panel]],
+                out: Path, title: str = "") -> Optional[Path]:
+    """Save a PNG with one panel per metric and one line per run; None without matplotlib or data.
+
+    ``runs``: run name -> its records (dicts with ``"step"``), as written by `JsonlLog`.
+    ``keys``: either a list of metric keys (the panel title is the key), or a
+    mapping panel title -> key, or panel title -> ``(key, [run names])`` to draw
+    only those runs in that panel. Use the second form when one key means
+    different things in different runs: e.g. ``"loss"`` is a PPO surrogate for
+    the sampled-token objectives but the reverse KL for ``rkl``, so give them
+    separate panels, ``{"loss (PPO surrogate)": ("loss", ["opd", "fire"]),
+    "loss (reverse KL)": ("loss", ["rkl"])}``, never one shared axis.
+
+    Every run keeps one colour and marker in every panel (the order of ``runs``
+    fixes them) and the figure has one legend; a panel notes the runs that did
+    not log its key. Panels without any data are left out.
+    """
+    if not _mpl_ok():
+        return None
+    fig = _build_curves(runs, keys, title)
+    if fig is None:
+        return None
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     return out
 
 
-def plot_safety_plane(results: dict, out: Path) -> Optional[Path]:
-    """Each model as a point: helpfulness (x) against safe rate (y)."""
-    plt = _pyplot()
-    if plt is None:
+def _coinciding(points: Sequence[tuple[str, float, float]], tol: float) -> list[list[int]]:
+    """Groups of point indices within ``tol`` of the group's first point (in both coordinates)."""
+    groups: list[list[int]] = []
+    for i, (_, x, y) in enumerate(points):
+        for g in groups:
+            _, gx, gy = points[g[0]]
+            if abs(x - gx) <= tol and abs(y - gy) <= tol:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def _build_safety_plane(results: Mapping[str, dict], tol: float = 0.01):
+    """The figure of `plot_safety_plane` (a matplotlib Figure), or None when no model has both rates."""
+    from matplotlib.figure import Figure
+
+    pts = [(n, float(r["helpfulness"]), float(r["safe_rate"])) for n, r in results.items()
+           if isinstance(r, Mapping) and r.get("helpfulness") is not None and r.get("safe_rate") is not None]
+    if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, r in results.items():
-        if "safe_rate" in r and "helpfulness" in r:
-            ax.scatter(r["helpfulness"], r["safe_rate"], s=40)
-            ax.annotate(name, (r["helpfulness"], r["safe_rate"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("helpfulness (benign accuracy)")
-    ax.set_ylabel("safe rate (unsafe refused)")
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_ylim(-0.05, 1.05)
+    color = run_colors([n for n, _, _ in pts])
+    # No layout engine: the legend sits right of the axes, outside the figure box, and
+    # savefig(bbox_inches="tight") grows the image to hold it, however long the names.
+    fig = Figure(figsize=(5.0, 4.2))
+    ax = fig.subplots()
+    base = 55.0
+    for group in _coinciding(pts, tol):
+        # Points that (nearly) coincide stay at their true position, drawn as nested markers:
+        # the first is the largest and lowest, each next one smaller and on top.
+        for rank, i in enumerate(group):
+            name, x, y = pts[i]
+            size = base * (1.0 + 1.6 * (len(group) - 1 - rank))
+            label = f"{name}  (help {x:.2f}, safe {y:.2f})"
+            if len(group) > 1:
+                others = [pts[j][0] for j in group if j != i]
+                label += "  = same point as " + ", ".join(others)
+            ax.scatter([x], [y], s=size, marker=_MARKERS[i % len(_MARKERS)], color=color[name],
+                       alpha=0.85 if rank == len(group) - 1 else 0.45, edgecolors="black",
+                       linewidths=0.6, zorder=3 + rank, clip_on=False, label=label)
+    xs = [x for _, x, _ in pts]
+    ys = [y for _, _, y in pts]
+    margin = 0.06  # markers at 0 or 1 stay inside the axes
+    ax.set_xlim(min(0.0, *xs) - margin, max(1.0, *xs) + margin)
+    ax.set_ylim(min(0.0, *ys) - margin, max(1.0, *ys) + margin)
+    ax.set_xlabel("helpfulness (benign accuracy)", fontsize=9)
+    ax.set_ylabel("safe rate (unsafe refused)", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7.5,
+              frameon=False, markerscale=0.8, title="model (better: top right)", title_fontsize=8)
+    return fig
+
+
+def plot_safety_plane(results: Mapping[str, dict], out: Path) -> Optional[Path]:
+    """Save a PNG of each model as a point, helpfulness (x) against safe rate (y).
+
+    ``results``: model name -> dict with ``"helpfulness"`` and ``"safe_rate"``
+    (entries without both are skipped). Models are told apart by colour and
+    marker in a legend (with their values) rather than by text labels next to
+    points; points closer than 0.01 in both rates are drawn as nested markers
+    and the legend says which coincide. None without matplotlib or points.
+    """
+    if not _mpl_ok():
+        return None
+    fig = _build_safety_plane(results)
+    if fig is None:
+        return None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     return out
