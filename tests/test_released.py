@@ -356,7 +356,7 @@ def test_copsd_loss_and_grad_match_official(seed, micro):
     k3 = official.low_var_kl(b["logprob"].detach(), ref_lp)
     assert bool((k3[mask > 0] == 10.0).any())  # the [-10, 10] clamp is exercised
     lp = b["logprob"].detach().clone().requires_grad_(True)
-    loss, _ = copsd_loss_released(lp, b["old"], None, mask, advantages=ga.advantage, micro_batch=mb,
+    loss, _ = copsd_loss_released(lp, b["old"], mask, advantages=ga.advantage, micro_batch=mb,
                                   ref_logprob=ref_lp)
     loss.backward()
     lp_ref = b["logprob"].detach().clone().requires_grad_(True)
@@ -369,8 +369,8 @@ def test_copsd_loss_and_grad_match_official(seed, micro):
     assert bool(lp_ref.grad[8:10].isnan().any())
     assert bool(lp.grad.isfinite().all()) and bool((lp.grad[8:10] == 0).all())
     # Advantages computed inside from the rollout log-probs: the same loss.
-    loss2, _ = copsd_loss_released(b["logprob"], b["old"], teacher, mask, groups, micro_batch=mb,
-                                   rollout_logprob=b["rollout"], ref_logprob=ref_lp)
+    loss2, _ = copsd_loss_released(b["logprob"], b["old"], mask, teacher_logprob=teacher, group_index=groups,
+                                   micro_batch=mb, rollout_logprob=b["rollout"], ref_logprob=ref_lp)
     assert abs(val(loss2) - val(ref)) <= TOL
 
 
@@ -380,7 +380,7 @@ def test_released_losses_per_micro_batch_sum_to_the_whole_batch():
     ga = group_advantages_released(teacher, b["rollout"], mask, groups)
     sig = fire_signals_released(teacher, mask, teacher_entropy=b["ht"][0], student_entropy=b["hs"], micro_batch=4)
     whole = {
-        "copsd": copsd_loss_released(b["logprob"], b["old"], None, mask, advantages=ga.advantage, micro_batch=4,
+        "copsd": copsd_loss_released(b["logprob"], b["old"], mask, advantages=ga.advantage, micro_batch=4,
                                      ref_logprob=ref_lp)[0],
         "fire": fire_opd_loss_released(b["logprob"], b["old"], teacher, mask, keep=sig.keep, weight=sig.weight,
                                        micro_batch=4)[0],
@@ -390,7 +390,7 @@ def test_released_losses_per_micro_batch_sum_to_the_whole_batch():
     for s in range(0, B, 4):
         g = slice(s, s + 4)
         n = len(range(B)[g])
-        parts["copsd"] += val(copsd_loss_released(b["logprob"][g], b["old"][g], None, mask[g], advantages=ga.advantage[g],
+        parts["copsd"] += val(copsd_loss_released(b["logprob"][g], b["old"][g], mask[g], advantages=ga.advantage[g],
                                                   micro_batch=n, batch_rows=B, ref_logprob=ref_lp[g])[0])
         parts["fire"] += val(fire_opd_loss_released(b["logprob"][g], b["old"][g], teacher[g], mask[g], keep=sig.keep[g],
                                                     weight=sig.weight[g], micro_batch=n, batch_rows=B)[0])
@@ -489,7 +489,8 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="batch_rows"):
         aggregate_released(mask[:4], mask[:4], 2, batch_rows=3)
     with pytest.raises(ValueError, match="advantages or group_index"):
-        copsd_loss_released(b["logprob"], b["old"], lq, mask, torch.arange(b["B"]), micro_batch=2,
+        copsd_loss_released(b["logprob"], b["old"], mask, teacher_logprob=lq, group_index=torch.arange(b["B"]),
+                            micro_batch=2,
                             advantages=torch.zeros_like(lq))
     ids, rows = micro_batch_ids(torch.tensor([7, 3, 7, 3, 9]), 5, torch.device("cpu"))
     assert ids.tolist() == [1, 0, 1, 0, 2] and rows.tolist() == [2, 2, 1]

@@ -653,13 +653,13 @@ def k3_kl_released(logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Te
 def copsd_loss_released(
     logprob: torch.Tensor,
     old_logprob: Optional[torch.Tensor],
-    teacher_logprob: Optional[torch.Tensor],
     mask: Optional[torch.Tensor] = None,
-    group_index: Optional[torch.Tensor] = None,
     *,
     micro_batch: MicroBatch,
     batch_rows: Optional[int] = None,
     advantages: Optional[torch.Tensor] = None,
+    teacher_logprob: Optional[torch.Tensor] = None,
+    group_index: Optional[torch.Tensor] = None,
     rollout_logprob: Optional[torch.Tensor] = None,
     ref_logprob: Optional[torch.Tensor] = None,
     kl_coef: float = 0.005,
@@ -672,7 +672,8 @@ def copsd_loss_released(
     process_group=None,
     sync: Optional[bool] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The released COPSD actor loss (arguments as `pyopd.losses.copsd_loss`, plus `micro_batch`).
+    """The released COPSD actor loss (the arguments of `pyopd.losses.copsd_loss`, keyword-only
+    past `mask`, plus `micro_batch`; the trainer already calls it as (logprob, old, mask, ...)).
 
     Vanilla PPO (dual clip 3) on the group advantages + kl_coef * `k3_kl_released` to
     `ref_logprob`, each a token mean per micro-batch, combined by `aggregate_released`
