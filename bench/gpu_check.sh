@@ -84,19 +84,22 @@ if [ "${PYOPD_GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
 else
 {
   echo "== pip install --no-build-isolation --no-deps . (CUDAARCHS=$CUDAARCHS)"
-  timeout "$(left 300)" python3 -m pip install --no-build-isolation --no-deps -v . 2>&1
+  # Its own build dir: CMake keeps the architectures of a dir's first configure.
+  timeout "$(left 300)" python3 -m pip install --no-build-isolation --no-deps -v \
+    --config-settings=build-dir="build/gpu-sm$cap" . 2>&1
 } >"$OUT/build.log"
 build_rc=$?
 if [ "$build_rc" -ne 0 ]; then
   # No scikit-build-core / pybind11 build deps offline, for instance: plain CMake,
   # the module copied next to the sources, tests import the checkout.
   {
-    echo "== pip failed (rc=$build_rc); plain CMake build into build/gpu"
+    echo "== pip failed (rc=$build_rc); plain CMake build into build/gpu-cmake-sm$cap"
     gen=()
     command -v ninja >/dev/null && gen=(-G Ninja)
-    cmake -S . -B build/gpu "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DPYOPD_CUDA=ON \
+    cmake -S . -B "build/gpu-cmake-sm$cap" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DPYOPD_CUDA=ON \
       -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" 2>&1 \
-      && timeout "$(left 300)" cmake --build build/gpu -j "$NPROC" 2>&1 && cp build/gpu/_C*.so pyopd/
+      && timeout "$(left 300)" cmake --build "build/gpu-cmake-sm$cap" -j "$NPROC" 2>&1 \
+      && cp "build/gpu-cmake-sm$cap"/_C*.so pyopd/
   } >>"$OUT/build.log"
   build_rc=$?
   IMPORT_FROM=checkout
