@@ -11,4 +11,8 @@ cmake -S . -B "build/$name" -G Ninja \
   -DPython_EXECUTABLE="$(command -v python3)" \
   -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" >/dev/null
 cmake --build "build/$name"
-cp "build/$name"/_C*.so pyopd/
+# Replace the module atomically (copy, then rename): overwriting it in place
+# crashes any process that has it loaded.
+for so in "build/$name"/_C*.so; do
+  cp "$so" "pyopd/.$(basename "$so").tmp" && mv -f "pyopd/.$(basename "$so").tmp" "pyopd/$(basename "$so")"
+done
