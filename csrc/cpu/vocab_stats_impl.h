@@ -74,7 +74,7 @@ static PYOPD_ALWAYS_INLINE float madd(float a, float b, float c) {
 // float64 is the checking path: plain rounding.
 static PYOPD_ALWAYS_INLINE double madd(double a, double b, double c) { return a * b + c; }
 
-// Below this, vexp gives exactly 0 (float: e^-87.34 is the smallest normal).
+// At or below this, vexp gives exactly 0 (float: e^-87.34 is the smallest normal).
 // Arguments are clamped to kFlush before use, so an exp that is 0 is always
 // multiplied by a finite number: e * d is 0, never 0 * inf = NaN, and the loop
 // bodies need no branch (a branch around a possibly trapping multiply is what
@@ -117,29 +117,28 @@ static PYOPD_ALWAYS_INLINE Acc finite_or_zero(Acc d) {
   return sel(d == -std::numeric_limits<Acc>::infinity(), Acc(0), d);
 }
 
-// exp(x) in float, vectorisable: Cody-Waite reduction by ln 2 and a degree-7
-// Taylor polynomial (relative error ~2 ulp). Exactly 0 below -87.3 (so -inf
-// gives 0) and NaN for NaN. Branch-free: only selects between computed values.
-static PYOPD_ALWAYS_INLINE float vexp(float x) {
-  const float lo = -87.33654f, hi = 88.0f;
-  float xc = sel(x < lo, lo, x);  // comparisons with NaN are false: NaN passes
-  xc = sel(xc > hi, hi, xc);
+// exp(d) in float for d in [kFlush, 0] or NaN (every caller flushes first,
+// and d <= 0 because it is a logit minus the row max, or a log-prob), so no
+// clamping and no select is needed: Cody-Waite reduction d = n ln2 + r with
+// |r| <= ln2 / 2, a degree-6 polynomial fitted to e^r for relative error
+// (~1.2 ulp when evaluated in float with FMAs), and 2^n built in the exponent
+// bits. For d < -87.68, n = -127 gives the bit pattern 0, so exp(d) is
+// exactly 0 (-inf flushed to kFlush = -88 included); NaN stays NaN.
+static PYOPD_ALWAYS_INLINE float vexp(float d) {
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = madd(xc, 1.44269504088896341f, shifter);
+  const float t = madd(d, 1.44269504088896341f, shifter);
   const float n = t - shifter;
   const int32_t ni = static_cast<int32_t>(cpu::float_to_bits(t) - cpu::float_to_bits(shifter));
-  const float r = madd(-n, 1.428606765330187e-06f, madd(-n, 0.693145751953125f, xc));
-  float poly = 1.0f / 5040.0f;
-  poly = madd(poly, r, 1.0f / 720.0f);
-  poly = madd(poly, r, 1.0f / 120.0f);
-  poly = madd(poly, r, 1.0f / 24.0f);
-  poly = madd(poly, r, 1.0f / 6.0f);
-  poly = madd(poly, r, 0.5f);
+  const float r = madd(-n, 1.428606765330187e-06f, madd(-n, 0.693145751953125f, d));
+  float poly = 0.0013843641f;
+  poly = madd(poly, r, 0.0083741564f);
+  poly = madd(poly, r, 0.041668002f);
+  poly = madd(poly, r, 0.16666432f);
+  poly = madd(poly, r, 0.49999994f);
   poly = madd(poly, r, 1.0f);
   poly = madd(poly, r, 1.0f);
   const float scale = cpu::bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
-  const float res = poly * scale;
-  return sel(x < lo, 0.0f, res);
+  return poly * scale;
 }
 static PYOPD_ALWAYS_INLINE double vexp(double x) { return std::exp(x); }
 
@@ -208,22 +207,21 @@ PYOPD_HOT_LOOP static void tile_sums(const Acc* x, int64_t n, Acc m, double& Z, 
     const Acc d = flush_lo(x[i] - m);  // -inf -> kFlush: e = 0 and e * d = 0
     const Acc e = vexp(d);
     z += e;
-    a += e * d;
+    a = madd(e, d, a);
   }
   Z += z;
   A += a;
 }
 
 // Joint sums over a tile of student x and teacher y (both j < V). `hole` is
-// the max student logit over ids where the teacher logit is -inf: when it is
-// > -inf the student's support is not inside the teacher's and KL = +inf,
-// whether or not that student mass underflows in float.
+// min_j (y_j - x_j): -inf iff some id has a -inf teacher logit under a
+// finite student one, i.e. the student's support is not inside the teacher's
+// and KL = +inf, whether or not that student mass underflows in float.
 template <typename Acc>
 PYOPD_HOT_LOOP static void tile_sums_joint(const Acc* x, const Acc* y, int64_t n, Acc ms, Acc mt,
                                    Running& s, Running& t, double& D, Acc& hole) {
-  constexpr Acc kInf = std::numeric_limits<Acc>::infinity();
   Acc zs = 0, as = 0, zt = 0, at = 0, dd = 0, h = hole;
-#pragma omp simd reduction(+ : zs, as, zt, at, dd) reduction(max : h)
+#pragma omp simd reduction(+ : zs, as, zt, at, dd) reduction(min : h)
   for (int64_t i = 0; i < n; ++i) {  // vec-loop: tile_sums_joint
     const Acc dx = flush_lo(x[i] - ms);
     const Acc dy_raw = y[i] - mt;
@@ -232,12 +230,14 @@ PYOPD_HOT_LOOP static void tile_sums_joint(const Acc* x, const Acc* y, int64_t n
     const Acc et = vexp(dy);
     zs += es;
     zt += et;
-    as += es * dx;
-    at += et * dy;
+    as = madd(es, dx, as);
+    at = madd(et, dy, at);
     // Where es == 0 the factor is finite (a -inf teacher logit reads as 0), so
     // the term is 0; where es > 0 and the teacher is -inf the row is a hole.
-    dd += es * (dx - finite_or_zero(dy_raw));
-    h = std::max(h, sel(y[i] == -kInf, x[i], -kInf));
+    dd = madd(es, dx - finite_or_zero(dy_raw), dd);
+    // y - x is -inf exactly where the teacher is -inf and the student is not
+    // (both -inf gives NaN, which min ignores).
+    h = std::min(h, y[i] - x[i]);
   }
   s.Z += zs;
   s.A += as;
@@ -346,7 +346,7 @@ void fwd_rows(const VocabStatsFwdParams& p) {
       const Tt* trow = kTeacher ? Tch + r * p.teacher_row_stride : nullptr;
       Running s, t;
       double D = 0.0;
-      Acc hole = -std::numeric_limits<Acc>::infinity();
+      Acc hole = std::numeric_limits<Acc>::infinity();
       for (int64_t j0 = 0; j0 < V; j0 += kTile) {
         const int64_t n = std::min(kTile, V - j0);
         const double new_ms = std::max<double>(s.m, load_tile(srow, j0, n, inv_t, xs.v));
@@ -397,7 +397,7 @@ void fwd_rows(const VocabStatsFwdParams& p) {
         double kl;
         if (!rs.finite || std::isnan(rt.lse) || rt.lse == kInf) {
           kl = kNaN;
-        } else if (hole > -std::numeric_limits<Acc>::infinity()) {
+        } else if (hole == -std::numeric_limits<Acc>::infinity()) {
           kl = kInf;
         } else {
           kl = nonneg(D / s.Z - rs.log_z + rt.log_z);
@@ -414,7 +414,8 @@ template <typename G>
 static PYOPD_ALWAYS_INLINE void store_grad(G* out, int64_t i, float v) { cpu::store_from_float(out, i, v); }
 static PYOPD_ALWAYS_INLINE void store_grad(double* out, int64_t i, double v) { out[i] = v; }
 
-// grad_j / (1/T) = p_j (a lp_j - g_kl lq_j + b), read straight from the
+// grad_j = p_j (a lp_j - g_kl lq_j + b) with a, b, g_kl already divided by
+// T (by the caller: one multiply less per element), read straight from the
 // logits and written straight to the gradient (no max is needed, so no tile
 // buffer). The teacher term only when the KL has an upstream gradient. Rows
 // reaching here have a finite lse, so lp_j < kFlush means p_j == 0 and the
@@ -428,9 +429,9 @@ PYOPD_HOT_LOOP static void grad_span(const Ts* srow, const Tt* trow, G* grow, in
     const Acc pj = vexp(lp);
     Acc inner = madd(a, lp, b);
     if constexpr (kReadTeacher) {
-      inner -= g_kl * finite_or_zero((load_acc(trow, i) * inv_t - mt) - log_zt);
+      inner = madd(-g_kl, finite_or_zero((load_acc(trow, i) * inv_t - mt) - log_zt), inner);
     }
-    store_grad(grow, i, pj * inner * inv_t);
+    store_grad(grow, i, pj * inner);
   }
 }
 
@@ -492,18 +493,21 @@ void bwd_rows(const VocabStatsBwdParams& p) {
       const bool read_teacher = kTeacher && g_kl != Acc(0);
       const Ts* srow = S + r * p.student_row_stride;
       const Tt* trow = kTeacher ? Tch + r * p.teacher_row_stride : nullptr;
+      const Acc at = a * inv_t, bt = b * inv_t, g_klt = g_kl * inv_t;
       if (read_teacher) {
-        grad_span<true>(srow, trow, grow, V, ms, log_zs, mt, log_zt, a, g_kl, b, inv_t);
+        grad_span<true>(srow, trow, grow, V, ms, log_zs, mt, log_zt, at, g_klt, bt, inv_t);
       } else {
-        grad_span<false>(srow, trow, grow, V, ms, log_zs, mt, log_zt, a, g_kl, b, inv_t);
+        grad_span<false>(srow, trow, grow, V, ms, log_zs, mt, log_zt, at, g_klt, bt, inv_t);
       }
       // The sampled token's one-hot term, outside the vector loop (recomputed
       // exactly as in the loop, then rounded once to G).
       if (y_in) {
         const Acc lp = flush_lo((load_acc(srow, y) * inv_t - ms) - log_zs);
-        Acc inner = madd(a, lp, b);
-        if (read_teacher) inner -= g_kl * finite_or_zero((load_acc(trow, y) * inv_t - mt) - log_zt);
-        store_grad(grow, y, vexp(lp) * inner * inv_t + g_lp * inv_t);
+        Acc inner = madd(at, lp, bt);
+        if (read_teacher) {
+          inner = madd(-g_klt, finite_or_zero((load_acc(trow, y) * inv_t - mt) - log_zt), inner);
+        }
+        store_grad(grow, y, vexp(lp) * inner + g_lp * inv_t);
       }
     }
   }
