@@ -80,6 +80,8 @@ def _add_config_args(p: argparse.ArgumentParser, command: str) -> dict:
             kw["choices"] = meta["choices"]
         elif meta.get("nargs"):
             kw.update(type=float, nargs=meta["nargs"], metavar=("LOW", "HIGH"))
+        elif isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, int) and not isinstance(default, bool):
             kw["type"] = int
         elif isinstance(default, float) or default is None:

@@ -97,6 +97,10 @@ class OPDConfig:
                                 group="optimisation")
     top_p: float = option(1.0, "nucleus sampling", lo=0.0, lo_open=True, hi=1.0,
                           group="optimisation")
+    fused_linear: bool = option(True, "score and differentiate from the hidden states and the lm_head "
+                                "weight (pyopd.fused_linear_*), never building [tokens, vocab] logits; "
+                                "models whose head is not a plain linear map use their logits",
+                                group="optimisation")
     # ---- run
     eval_every: int = option(10, "evaluate every N steps (0: only at the start and the end)",
                              lo=0, group="run")
@@ -141,7 +145,9 @@ def check_field(f, value) -> None:
             check_number(name, v, meta)
         return
     default = f.default if f.default is not MISSING else None
-    if isinstance(default, bool) or isinstance(value, bool):
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
         return
     if isinstance(default, int):
         if not isinstance(value, int):

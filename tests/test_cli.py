@@ -21,6 +21,8 @@ def _valid_other_value(f, current):
         return (-2.5, 4.5)
     if f.name == "loss":
         return "opd" if current != "opd" else "tip"
+    if isinstance(current, bool):
+        return not current
     lo, hi = meta.get("lo"), meta.get("hi")
     if isinstance(current, int) and not isinstance(current, bool):
         return current + 1 if hi is None or current + 1 <= hi else current - 1
@@ -37,6 +39,8 @@ def _flags(command):
 
 def _argv(f, value):
     flag = "--" + f.name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
     return [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
 
 

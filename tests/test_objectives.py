@@ -195,3 +195,37 @@ def test_released_preset_through_the_objectives_equals_the_presets_module(loss):
     (g_want,) = torch.autograd.grad(want, leaf2)
     torch.testing.assert_close(total.detach(), want.detach(), atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(g_ours, g_want, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["rkl", "fire", "copsd"])
+def test_fused_linear_path_equals_the_logits_path(prepared, task, tmp_path, loss):
+    """By default the trainer scores and differentiates from hidden states + lm_head weight
+    (no [tokens, vocab] logits); the result equals the materialised-logits path."""
+    runs = {}
+    for fused in (True, False):
+        tr = _trainer(prepared, task, tmp_path / f"{loss}-{fused}", loss=loss, steps=1, save_every=0,
+                      fused_linear=fused, dual_clip=3.0 if loss == "copsd" else None)
+        hist = tr.train()
+        runs[fused] = (hist[-1], [p.detach().clone() for p in tr.student.parameters()])
+    (m1, p1), (m0, p0) = runs[True], runs[False]
+    assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-4, abs=1e-6)
+    for a, b in zip(p1, p0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_head_probe(prepared):
+    from pyopd.trainers.rollout import layout, linear_head
+
+    tok = prepared.load_tokenizer()
+    ids = tok(["Q:1+2=?\nA:"])["input_ids"]
+    resp = torch.tensor([[5, 6, 7]])
+    inputs = layout(ids, resp, torch.ones_like(resp, dtype=torch.bool), tok.pad_token_id)
+    plain = prepared.load_student()
+    assert linear_head(plain, inputs) is not None
+    scaled = prepared.load_student()  # a head that is not the plain linear map of the hidden state
+    inner = scaled.lm_head
+    scaled.lm_head = torch.nn.Sequential(inner, torch.nn.Tanh())
+    said = []
+    assert linear_head(scaled, inputs, said.append) is None
+    assert len(said) == 1 and "materialised logits" in said[0]
+    assert linear_head(scaled, inputs, said.append) is None and len(said) == 1  # said once

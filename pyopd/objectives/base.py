@@ -66,10 +66,16 @@ class Signals:
 
 @dataclass
 class MicroBatch:
-    """One micro-batch: the student's logits with grad, and its slices of the batch."""
+    """One micro-batch: the student's output (with grad), and its slices of the batch.
+
+    The student's output is either ``logits`` [b, T, V], or, when its head is a
+    plain linear map, ``hidden`` [b, T, H] with ``head`` (weight, bias): then
+    `logprob()` and the fused-linear ops never build the logits, and
+    `student_logits()` builds them only for an objective that asks.
+    """
 
     rows: torch.Tensor            # [b] indices into the rollout batch
-    logits: torch.Tensor          # [b, T, V] student logits (with grad)
+    logits: Optional[torch.Tensor]  # [b, T, V] student logits (with grad), or None with hidden
     tokens: torch.Tensor          # [b, T]
     mask: torch.Tensor            # [b, T] response mask
     loss_mask: torch.Tensor       # [b, T] the objective's tokens
@@ -80,14 +86,34 @@ class MicroBatch:
     denominator: float
     temperature: float
     teacher_logits_fn: Optional[Callable[[], torch.Tensor]] = None
+    hidden: Optional[torch.Tensor] = None   # [b, T, H] student last hidden states (with grad)
+    head: Optional[object] = None           # the student's linear head (weight [V, H], bias)
+    # [(rows of this micro-batch, teacher hidden [k, T, Ht], teacher head)] per teacher, or None
+    teacher_parts_fn: Optional[Callable[[], Optional[list]]] = None
     _logprob: Optional[torch.Tensor] = None
 
     def logprob(self) -> torch.Tensor:
-        """[b, T] the student's log-prob of the sampled tokens, with grad (fused kernel)."""
+        """[b, T] the student's log-prob of the sampled tokens, with grad (fused kernels)."""
         if self._logprob is None:
-            self._logprob = pyopd.token_stats(self.logits, self.tokens, mask=self.mask,
-                                              temperature=self.temperature).logprob
+            if self.logits is None:
+                self._logprob = pyopd.fused_linear_token_stats(
+                    self.hidden, self.head.weight, self.tokens, mask=self.mask, temperature=self.temperature,
+                    bias=self.head.bias).logprob
+            else:
+                self._logprob = pyopd.token_stats(self.logits, self.tokens, mask=self.mask,
+                                                  temperature=self.temperature).logprob
         return self._logprob
+
+    def student_logits(self) -> torch.Tensor:
+        """[b, T, V] the student's logits (built from the hidden states if needed)."""
+        if self.logits is None:
+            self.logits = torch.nn.functional.linear(self.hidden, self.head.weight, self.head.bias)
+        return self.logits
+
+    def teacher_parts(self) -> Optional[list]:
+        """Each teacher's rows, hidden states and linear head, for `pyopd.fused_linear_reverse_kl`;
+        None when the fused path is off or a teacher's head is not a plain linear map."""
+        return None if self.teacher_parts_fn is None or self.hidden is None else self.teacher_parts_fn()
 
     def teacher_logits(self) -> torch.Tensor:
         """[b, T, Vt] each row's own teacher's logits (only for objectives that declare the need)."""

@@ -5,7 +5,11 @@ token weights to the same exact KL.
 """
 from __future__ import annotations
 
-from pyopd.losses import reverse_kl_loss_from_logits
+import torch
+
+import pyopd
+from pyopd.losses import reverse_kl_loss, reverse_kl_loss_from_logits
+from pyopd.losses._common import masked_mean, to_floats
 from pyopd.objectives.base import MicroBatch, Objective, ScoredBatch, Signals, register
 from pyopd.objectives.fire import fire_signals
 
@@ -20,10 +24,28 @@ class ReverseKL(Objective):
     def loss(self, micro: MicroBatch):
         keep = micro.signals.get("keep")
         weight = micro.signals.get("weight")
-        return reverse_kl_loss_from_logits(
-            micro.logits, micro.teacher_logits(), micro.mask, tokens=micro.tokens,
-            temperature=micro.temperature, weight=weight, keep=keep, agg=self.cfg.agg,
-            denominator=micro.denominator)
+        parts = micro.teacher_parts()
+        if parts is None:  # materialised logits of both models
+            return reverse_kl_loss_from_logits(
+                micro.student_logits(), micro.teacher_logits(), micro.mask, tokens=micro.tokens,
+                temperature=micro.temperature, weight=weight, keep=keep, agg=self.cfg.agg,
+                denominator=micro.denominator)
+        # fused linear: from the hidden states and the heads, no [tokens, vocab] tensor at all
+        mask = micro.mask if keep is None else micro.mask & keep[:, None]
+        b, t = micro.tokens.shape
+        kl = torch.zeros(b, t, dtype=torch.float32, device=micro.tokens.device)
+        hs, ht = torch.zeros_like(kl), torch.zeros_like(kl)
+        for idx, t_hidden, t_head in parts:
+            r = pyopd.fused_linear_reverse_kl(
+                micro.hidden[idx], micro.head.weight, t_hidden, t_head.weight, micro.tokens[idx],
+                mask=mask[idx], temperature=micro.temperature, student_bias=micro.head.bias,
+                teacher_bias=t_head.bias)
+            kl = kl.index_put((idx,), r.kl.to(kl.dtype))
+            hs[idx], ht[idx] = r.student_entropy.detach().float(), r.teacher_entropy.detach().float()
+        loss, metrics = reverse_kl_loss(kl, mask, weight=weight, agg=self.cfg.agg, denominator=micro.denominator)
+        metrics.update(to_floats({"student_entropy_mean": masked_mean(hs, mask),
+                                  "teacher_entropy_mean": masked_mean(ht, mask)}))
+        return loss, metrics
 
 
 @register

@@ -55,7 +55,15 @@ from pyopd.objectives import (
 )
 from pyopd.trainers import checkpoint as ckpt_io
 from pyopd.trainers.records import JsonlLog
-from pyopd.trainers.rollout import Rollouts, layout, response_logits, sample_rollouts, score
+from pyopd.trainers.rollout import (
+    Rollouts,
+    layout,
+    linear_head,
+    response_hidden,
+    response_logits,
+    sample_rollouts,
+    score,
+)
 
 __all__ = ["NonFiniteError", "OPDConfig", "OPDTrainer", "PromptBatch", "objective_names"]
 
@@ -209,7 +217,8 @@ class OPDTrainer:
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                              top_p=cfg.top_p)
         pad, T = self.tok.pad_token_id, cfg.temperature
-        old = score(self.student, ro.prompt_ids, ro, pad, micro_batch=cfg.micro_batch, temperature=T)
+        sk = dict(micro_batch=cfg.micro_batch, temperature=T, fused=cfg.fused_linear, log=self.log)
+        old = score(self.student, ro.prompt_ids, ro, pad, **sk)
         row_teacher = [batch.teachers[g] for g in ro.group.tolist()]
         unknown = sorted(set(row_teacher) - set(self.teachers))
         if unknown:
@@ -220,12 +229,11 @@ class OPDTrainer:
         for k, name in enumerate(self.teacher_names):
             rows = (teacher_index == k).nonzero().flatten()
             if rows.numel():
-                s = score(self.teachers[name], tprompt_ids, ro, pad, rows=rows,
-                          micro_batch=cfg.micro_batch, temperature=T)
+                s = score(self.teachers[name], tprompt_ids, ro, pad, rows=rows, **sk)
                 teacher.logprob[rows], teacher.entropy[rows] = s.logprob[rows], s.entropy[rows]
         ref = None
         if self.objective.needs_reference:
-            ref = score(self.reference, ro.prompt_ids, ro, pad, micro_batch=cfg.micro_batch, temperature=T)
+            ref = score(self.reference, ro.prompt_ids, ro, pad, **sk)
         scored = ScoredBatch(tokens=ro.response, mask=ro.mask, group=ro.group + group_offset, old=old,
                              teacher=teacher,
                              teacher_index=teacher_index, num_teachers=len(self.teacher_names),
@@ -251,8 +259,13 @@ class OPDTrainer:
             for micro, denom in zip(micros, obj.denominators(signals, micros)):
                 inputs = layout([ro.prompt_ids[i] for i in micro.tolist()], ro.response[micro],
                                 ro.mask[micro], pad)
+                head = linear_head(self.student, inputs, self.log) if cfg.fused_linear else None
+                out = dict(hidden=response_hidden(self.student, inputs, r), head=head, logits=None,
+                           teacher_parts_fn=(lambda micro=micro: self._teacher_parts(sc, micro, r))
+                           if obj.needs_teacher_logits else None) \
+                    if head is not None else dict(logits=response_logits(self.student, inputs, r))
                 mb = MicroBatch(
-                    rows=micro, logits=response_logits(self.student, inputs, r), tokens=ro.response[micro],
+                    rows=micro, **out, tokens=ro.response[micro],
                     mask=ro.mask[micro], loss_mask=signals.loss_mask[micro],
                     old=slice_rows(scored.old, micro), teacher=slice_rows(scored.teacher, micro),
                     reference=slice_rows(scored.reference, micro),
@@ -323,6 +336,25 @@ class OPDTrainer:
         return (f"step {self.step + 1}: the {what} is {value} (loss {self.cfg.loss!r}, lr {self.cfg.lr:g}); "
                 f"the update was not applied and the run stopped; {kept}. Lower --lr or "
                 f"--max-grad-norm, or check the inputs")
+
+    @torch.no_grad()
+    def _teacher_parts(self, sc: dict, micro: torch.Tensor, r: int) -> Optional[list]:
+        """Per teacher of the micro-batch: (its rows in the micro-batch, hidden [k, R, Ht], head);
+        None when some teacher's head is not a plain linear map (then logits are used)."""
+        ro: Rollouts = sc["rollouts"]
+        idx = sc["batch"].teacher_index[micro]
+        parts = []
+        for k in idx.unique().tolist():
+            local = (idx == k).nonzero().flatten()
+            rows = micro[local.cpu()]
+            inputs = layout([sc["teacher_prompt_ids"][i] for i in rows.tolist()], ro.response[rows],
+                            ro.mask[rows], self.tok.pad_token_id)
+            teacher = self.teachers[self.teacher_names[k]]
+            head = linear_head(teacher, inputs, self.log)
+            if head is None:
+                return None
+            parts.append((local, response_hidden(teacher, inputs, r), head))
+        return parts
 
     @torch.no_grad()
     def _teacher_logits(self, sc: dict, micro: torch.Tensor, r: int) -> torch.Tensor:

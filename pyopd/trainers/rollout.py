@@ -103,6 +103,61 @@ def layout(prompt_ids: Sequence[Sequence[int]], response: torch.Tensor, mask: to
     return ModelInputs(input_ids, attention_mask, position_ids, width - 1)
 
 
+@dataclass
+class Head:
+    """A model's output layer as a plain linear map: logits = hidden @ weight.T (+ bias)."""
+
+    weight: torch.Tensor            # [V, H]
+    bias: Optional[torch.Tensor]    # [V] or None
+
+
+_HEADS: dict = {}  # id(model) -> Head or None: probed once per model
+
+
+def linear_head(model, inputs: Optional[ModelInputs] = None, log=None) -> Optional[Head]:
+    """The model's head when its logits are exactly ``lm_head(last hidden state)``, else None.
+
+    The fused-linear ops (`pyopd.fused_linear_token_stats` / `fused_linear_reverse_kl`)
+    then take the hidden states and the head's weight and never build the
+    [tokens, vocab] logits. Checked once per model by comparing one batch of
+    logits with the head applied to the hidden states (architectures that scale
+    or soft-cap their logits fail it); ``log`` is told once when a model falls
+    back to logits.
+    """
+    key = id(model)
+    if key in _HEADS and _HEADS[key][0]() is model:
+        return _HEADS[key][1]
+    import weakref
+
+    head = model.get_output_embeddings()
+    found = None
+    body = getattr(model, "base_model", model)
+    if isinstance(head, torch.nn.Linear) and body is not model and inputs is not None:
+        was_training = model.training
+        model.eval()  # no dropout in the comparison
+        with torch.no_grad():
+            logits = response_logits(model, inputs, 2)
+            hidden = response_hidden(model, inputs, 2)
+            lin = torch.nn.functional.linear(hidden, head.weight, head.bias)
+        model.train(was_training)
+        if torch.allclose(lin.float(), logits.float(), rtol=1e-4, atol=1e-4):
+            found = Head(head.weight, head.bias)
+    if inputs is None:
+        return None  # not probed yet: the caller decides on its first batch
+    if found is None and log is not None:
+        log(f"[pyopd] {type(model).__name__}: its head is not a plain linear map of the last hidden state; "
+            f"using the materialised logits")
+    _HEADS[key] = (weakref.ref(model), found)
+    return found
+
+
+def response_hidden(model, inputs: ModelInputs, r: int) -> torch.Tensor:
+    """Last hidden states [b, R, H] at the positions that predict the response tokens."""
+    out = model.base_model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                           position_ids=inputs.position_ids, use_cache=False)
+    return out.last_hidden_state[:, inputs.start:inputs.start + r]
+
+
 def response_logits(model, inputs: ModelInputs, r: int) -> torch.Tensor:
     """Logits [b, R, V] at the positions that predict the response tokens."""
     out = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
@@ -113,8 +168,12 @@ def response_logits(model, inputs: ModelInputs, r: int) -> torch.Tensor:
 @torch.no_grad()
 def score(model, prompt_ids: Sequence[Sequence[int]], rollouts: Rollouts, pad_id: int,
           rows: Optional[torch.Tensor] = None, micro_batch: int = 16,
-          temperature: float = 1.0) -> Scores:
-    """Per-token log-prob and entropy of ``model`` on the rollout tokens (rows subset optional)."""
+          temperature: float = 1.0, fused: bool = True, log=None) -> Scores:
+    """Per-token log-prob and entropy of ``model`` on the rollout tokens (rows subset optional).
+
+    ``fused``: through the fused linear op from the hidden states when the model's
+    head is a plain linear map (`linear_head`), so no [tokens, vocab] logits exist.
+    """
     idx = torch.arange(rollouts.size) if rows is None else rows
     r = rollouts.response.shape[1]
     logprob = torch.zeros(rollouts.size, r, device=rollouts.response.device)
@@ -124,9 +183,12 @@ def score(model, prompt_ids: Sequence[Sequence[int]], rollouts: Rollouts, pad_id
     for chunk in idx.split(micro_batch):
         resp, m = rollouts.response[chunk], rollouts.mask[chunk]
         inputs = layout([prompt_ids[i] for i in chunk.tolist()], resp, m, pad_id)
-        logits = response_logits(model, inputs, r)
-        st = pyopd.token_stats(logits, resp, mask=m, temperature=temperature)
+        head = linear_head(model, inputs, log) if fused else None
+        if head is not None:
+            st = pyopd.fused_linear_token_stats(response_hidden(model, inputs, r), head.weight, resp, mask=m,
+                                                temperature=temperature, bias=head.bias)
+        else:
+            st = pyopd.token_stats(response_logits(model, inputs, r), resp, mask=m, temperature=temperature)
         logprob[chunk], entropy[chunk] = st.logprob.float(), st.entropy.float()
-        del logits
     model.train(was_training)
     return Scores(logprob, entropy)
