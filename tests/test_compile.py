@@ -245,3 +245,43 @@ def test_inductor_backend_dynamic():
         out_e[0].backward()
         out_c[0].backward()
         assert_close(x2.grad, x1.grad, atol=1e-6, rtol=1e-5, what="grad")
+
+
+# --------------------------------------------------------------------------- opcheck
+
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(30)
+    B, T = 5, 7
+    lq, ht, hs = -torch.rand(B, T, generator=g), torch.rand(B, T, generator=g), torch.rand(B, T, generator=g)
+    m = torch.rand(B, T, generator=g) > 0.3
+    ti = torch.tensor([0, 1, 1, 0, 2])
+    s, t = torch.randn(6, 11, generator=g, requires_grad=True), torch.randn(6, 13, generator=g)
+    y = torch.randint(0, 11, (6,), generator=g)
+    fwd = torch.ops.pyopd.vocab_stats_fwd(s.detach(), t, y, None, 0.8)
+    ops = torch.ops.pyopd
+    return {
+        "trajectory_scores": (ops.trajectory_scores.default, (lq, m, hs, ht, hs, ti, None, 30.0)),
+        "trajectory_scores_k": (ops.trajectory_scores.default, (lq, None, None, None, None, ti, 4, 30.0)),
+        "trajectory_filter": (ops.trajectory_filter.default,
+                              (lq[:, 0], torch.tensor([1, 0, 3, 2, 2]), None, None, 50.0)),
+        "fire_token_weights": (ops.fire_token_weights.default,
+                               (ht, hs, m, torch.tensor([True, False, True, True, True]), ti, 3, 1.0, 2.0,
+                                "batch")),
+        "group_advantages": (ops.group_advantages.default,
+                             (lq, hs, m, torch.tensor([3, 3, -1, 5, 5]), -3.0, 5.0, 0.02, 1e-6)),
+        "checked_tokens": (ops.checked_tokens.default,
+                           (torch.tensor([[1, 2], [3, 4]]), torch.tensor([[True, False], [True, True]]), 10)),
+        "vocab_stats_fwd": (ops.vocab_stats_fwd.default, (s, t, y, None, 1.25)),
+        "vocab_stats_bwd": (ops.vocab_stats_bwd.default,
+                            (s.detach(), t, y, None, fwd[7], fwd[0], fwd[1], torch.ones(6), None, None, None,
+                             0.8, torch.float32)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_opcheck_cases()))
+def test_opcheck(name):
+    # torch's own consistency check of a custom op: schema, autograd registration,
+    # fake (meta) implementation vs the real one, and AOT dispatch with dynamic shapes
+    op, args = _opcheck_cases()[name]
+    torch.library.opcheck(op, args)
