@@ -358,3 +358,16 @@ def test_trainer_resumes_past_a_corrupt_checkpoint_and_a_torn_log(prepared, tmp_
     for (n, a), b in zip(full.student.named_parameters(), resumed.student.parameters()):
         assert torch.equal(a, b), n  # resumed from step 1 and still bit-exact
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_numpy_values_in_the_state_are_stored_as_plain_data(tmp_path):
+    # np.float64 subclasses float but pickles as a numpy object a safe load refuses
+    model = _tiny_lm(tied=False)
+    hist = [{"step": np.int64(1), "loss": np.float64(0.25), "ok": np.bool_(True),
+             "hist": np.arange(3, dtype=np.float32), "name": np.str_("fire")}]
+    path = ckpt_io.save_checkpoint(tmp_path, 1, model, None, {"history": hist})
+    got = ckpt_io.load_state(path)["history"][0]
+    assert got["step"] == 1 and type(got["step"]) is int
+    assert got["loss"] == 0.25 and type(got["loss"]) is float
+    assert got["ok"] is True and got["name"] == "fire" and type(got["name"]) is str
+    assert torch.equal(got["hist"], torch.arange(3, dtype=torch.float32))

@@ -71,27 +71,43 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- writing
 
-_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+_SCALARS = (str, int, float, bool, type(None))
 
 
-def _check_plain(obj: Any, where: str) -> None:
-    """Raise TypeError at the first value that ``torch.load(weights_only=True)`` would refuse.
+def to_plain(obj: Any, where: str = "state") -> Any:
+    """A copy of ``obj`` that ``torch.load(weights_only=True)`` accepts, or TypeError naming the value.
 
-    Checked before writing, so an unsafe state is caught when it is saved, not
-    when someone tries to resume from it.
+    numpy scalars/arrays (e.g. metrics from a user callback) become python
+    numbers/tensors and subclasses of the plain types their base type: a
+    ``numpy.float64`` IS a float, yet pickles as a numpy object that a safe
+    load refuses, so a plain isinstance check would let an unloadable
+    checkpoint through. Checked when saving, not when someone tries to resume.
     """
+    if type(obj) in _SCALARS or isinstance(obj, torch.Tensor):
+        return obj
     if isinstance(obj, dict):
+        out = {}
         for k, v in obj.items():
-            if not isinstance(k, (str, int)):
-                raise TypeError(f"checkpoint state key {where}[{k!r}] is a {type(k).__name__}; "
+            key = to_plain(k, f"{where} key") if isinstance(k, (str, int, np.integer)) else None
+            if key is None or type(key) not in (str, int):
+                raise TypeError(f"checkpoint {where}[{k!r}]: key is a {type(k).__name__}; "
                                 f"only str/int keys are stored")
-            _check_plain(v, f"{where}[{k!r}]")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _check_plain(v, f"{where}[{i}]")
-    elif not isinstance(obj, _PLAIN):
-        raise TypeError(f"checkpoint state {where} is a {type(obj).__name__}; only tensors, numbers, "
-                        f"strings, None, lists, tuples and dicts are stored (weights_only-safe)")
+            out[key] = to_plain(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        item = obj.item()
+        if type(item) in _SCALARS:
+            return item
+    for base in (bool, int, float, str):  # subclasses of the plain types
+        if isinstance(obj, base):
+            return base(obj)
+    raise TypeError(f"checkpoint {where} is a {type(obj).__name__}; only tensors, numbers, "
+                    f"strings, None, lists, tuples and dicts are stored (weights_only-safe)")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -123,13 +139,13 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict[str,
                     keep_last: int = 2, log: Log = None) -> Path:
     """Write ``out_dir/checkpoint-<step>`` atomically; keep the ``keep_last`` newest.
 
-    ``state`` must be plain data (see module docstring); ``step`` and the RNG
-    states are added here.
+    ``state`` must be plain data (see `to_plain`; numpy values are converted,
+    anything else is a TypeError before anything is written); ``step`` and the
+    RNG states are added here.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    full = {**state, "step": int(step), "rng": rng_state()}
-    _check_plain(full, "state")
+    full = to_plain({**state, "step": int(step), "rng": rng_state()})
     clean_temp(out_dir, log)  # leftovers of an earlier kill
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".checkpoint-{step}.tmp-{uuid.uuid4().hex[:8]}"
