@@ -4,7 +4,9 @@
 // sweeps that some of them make. Sums are accumulated in double.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "pyopd/signals.h"
 
@@ -20,10 +22,50 @@ inline const bool* mask_row(const bool* mask, int64_t row_stride, int64_t i) {
   return mask == nullptr ? nullptr : mask + i * row_stride;
 }
 
+// c ? a : b as a bitwise blend, for the bodies of vectorised loops: a `?:` on
+// floats becomes a branch, GCC may move arithmetic (which can trap under the
+// default -ftrapping-math) or a load into its arms, and a loop with such
+// control flow is only vectorised where the ISA has masked operations. These
+// kernels are built for the baseline ISA (SSE2 on x86-64), which has none.
+template <typename C>
+inline C pick(bool c, C a, C b) {
+  using U = std::conditional_t<sizeof(C) == 8, uint64_t, uint32_t>;
+  const U m = U(0) - static_cast<U>(c);
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(C));
+  std::memcpy(&ub, &b, sizeof(C));
+  const U u = (ua & m) | (ub & ~m);
+  C out;
+  std::memcpy(&out, &u, sizeof(C));
+  return out;
+}
+
 // NaN-propagating clamp (torch.clamp semantics): comparisons with NaN are false.
 template <typename C>
 inline C clamp_to(C x, C lo, C hi) {
-  return x < lo ? lo : (x > hi ? hi : x);
+  if constexpr (sizeof(C) == 8) {
+    // SSE2 cannot widen a double comparison into the 0/1 the blend needs;
+    // plain selects of values (no arithmetic in the arms) vectorise there.
+    x = x < lo ? lo : x;
+    return x > hi ? hi : x;
+  } else {
+    return pick(x < lo, lo, pick(x > hi, hi, x));
+  }
+}
+
+// The mask's value at t, or true without a mask; loops are instantiated for
+// both cases so that neither has a branch (nor a conditional load) inside.
+template <bool kMasked>
+inline bool on(const bool* m, int64_t t) {
+  if constexpr (kMasked) {
+    // Read as a byte: GCC finds no vector type for `bool` loads feeding
+    // float selects.
+    return reinterpret_cast<const uint8_t*>(m)[t] != 0;
+  } else {
+    (void)m;
+    (void)t;
+    return true;
+  }
 }
 
 // Fork threads only for enough work to repay it: a parallel region costs a
@@ -34,8 +76,9 @@ inline bool worth_threads(int64_t rows, int64_t cols) { return rows > 1 && rows 
 inline int64_t count_valid(const bool* m, int64_t n) {
   if (m == nullptr) return n;
   int64_t c = 0;
+  const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);
 #pragma omp simd reduction(+ : c)
-  for (int64_t t = 0; t < n; ++t) c += m[t] ? 1 : 0;
+  for (int64_t t = 0; t < n; ++t) c += mb[t] != 0 ? 1 : 0;
   return c;
 }
 
@@ -69,7 +112,7 @@ const char* trajectory_stats_impl(const TrajectoryStatsParams& p) {
       if (m != nullptr) {
 #pragma omp simd reduction(+ : sum, nans) reduction(max : mx)
         for (int64_t t = 0; t < n_cols; ++t) {
-          const T v = m[t] ? x[t] : T(0);  // select, never multiply: NaN in padding stays out
+          const T v = pick(on<true>(m, t), x[t], T(0));  // select, never multiply: NaN in padding stays out
           sum += double(v);
           mx = v > mx ? v : mx;
           nans += (v != v) ? 1 : 0;
@@ -120,18 +163,25 @@ const char* fire_weights_impl(const FireWeightsParams& p) {
     const T dt = use_t ? mt : T(1), ds = use_s ? ms : T(1);
     double sum = 0.0;
     int64_t n = 0;
+    auto sweep = [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
 #pragma omp simd reduction(+ : sum, n)
-    for (int64_t t = 0; t < n_cols; ++t) {
-      const bool v = m == nullptr || m[t];
-      T rt = ht[t] / dt, rs = hs[t] / ds;
-      rt = use_t ? rt : T(0);
-      rs = use_s ? rs : T(0);
-      const T ct = clamp_to(T(1) - rt, T(0), T(1));
-      const T cs = clamp_to(rs, T(0), T(1));
-      const T wt = v ? (T(1) + alpha * ct) * (T(1) + beta * cs) : T(0);
-      w[t] = wt;
-      sum += double(wt);
-      n += v ? 1 : 0;
+      for (int64_t t = 0; t < n_cols; ++t) {
+        const bool v = on<kMasked>(m, t);
+        const T rt = pick(use_t, ht[t] / dt, T(0));
+        const T rs = pick(use_s, hs[t] / ds, T(0));
+        const T ct = clamp_to(T(1) - rt, T(0), T(1));
+        const T cs = clamp_to(rs, T(0), T(1));
+        const T wt = pick(v, (T(1) + alpha * ct) * (T(1) + beta * cs), T(0));
+        w[t] = wt;
+        sum += double(wt);
+        n += static_cast<int64_t>(v);
+      }
+    };
+    if (m != nullptr) {
+      sweep(std::true_type{});
+    } else {
+      sweep(std::false_type{});
     }
     if (p.row_sum) p.row_sum[i] = sum;
     if (p.row_count) p.row_count[i] = n;
@@ -172,22 +222,29 @@ const char* group_reward_moments_impl(const GroupAdvParams& p) {
       continue;
     }
     const double shift = reward(lq[first], lp[first], lo, hi, bonus);
-    double sum = 0.0;
+    double sum = 0.0, m2 = 0.0, mean = 0.0;
     int64_t n = 0;
+    auto sweeps = [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
 #pragma omp simd reduction(+ : sum, n)
-    for (int64_t t = 0; t < n_cols; ++t) {
-      const bool v = m == nullptr || m[t];
-      const double r = reward(lq[t], lp[t], lo, hi, bonus) - shift;
-      sum += v ? r : 0.0;
-      n += v ? 1 : 0;
-    }
-    const double mean = shift + sum / double(n);
-    double m2 = 0.0;
+      for (int64_t t = 0; t < n_cols; ++t) {
+        const bool v = on<kMasked>(m, t);
+        const double r = reward(lq[t], lp[t], lo, hi, bonus) - shift;
+        sum += pick(v, r, 0.0);
+        n += static_cast<int64_t>(v);
+      }
+      mean = shift + sum / double(n);
 #pragma omp simd reduction(+ : m2)
-    for (int64_t t = 0; t < n_cols; ++t) {
-      const bool v = m == nullptr || m[t];
-      const double d = reward(lq[t], lp[t], lo, hi, bonus) - mean;
-      m2 += v ? d * d : 0.0;
+      for (int64_t t = 0; t < n_cols; ++t) {
+        const bool v = on<kMasked>(m, t);
+        const double d = reward(lq[t], lp[t], lo, hi, bonus) - mean;
+        m2 += pick(v, d * d, 0.0);
+      }
+    };
+    if (m != nullptr) {
+      sweeps(std::true_type{});
+    } else {
+      sweeps(std::false_type{});
     }
     p.row_count[i] = n;
     p.row_mean[i] = mean;
@@ -209,11 +266,19 @@ const char* group_advantages_apply_impl(const GroupAdvParams& p) {
     T* a = static_cast<T*>(p.advantage) + i * n_cols;
     const double mean = p.group_mean[i];
     const double denom = p.group_std[i] + p.eps;
+    auto sweep = [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
 #pragma omp simd
-    for (int64_t t = 0; t < n_cols; ++t) {
-      const bool v = m == nullptr || m[t];
-      const double r = reward(lq[t], lp[t], lo, hi, bonus);
-      a[t] = v ? T((r - mean) / denom) : T(0);
+      for (int64_t t = 0; t < n_cols; ++t) {
+        const bool v = on<kMasked>(m, t);
+        const double r = reward(lq[t], lp[t], lo, hi, bonus);
+        a[t] = pick(v, T((r - mean) / denom), T(0));
+      }
+    };
+    if (m != nullptr) {
+      sweep(std::true_type{});
+    } else {
+      sweep(std::false_type{});
     }
   }
   return nullptr;
