@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyopd
+from pyopd.ops import fused_linear
 from pyopd.ops.fused_linear import (
     default_chunk_size,
     fused_linear_backward_chunks,
@@ -272,7 +273,8 @@ def test_low_precision_within_twice_torch_error(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_grad_weight_does_not_degrade_with_more_chunks(dtype):
+@pytest.mark.parametrize("block_rows", [None, 50])
+def test_low_precision_grad_weight_does_not_degrade_with_more_chunks(dtype, block_rows, monkeypatch):
     """grad_weight summed over 192 one-row chunks (float32 running sum) is as accurate as one chunk.
 
     Mean absolute error vs float64, a steadier statistic than the max. Each
@@ -281,6 +283,8 @@ def test_low_precision_grad_weight_does_not_degrade_with_more_chunks(dtype):
     192 times (measured: 1.8x in bf16, 2.3x in fp16), which this test rejects.
     """
     lead, h, v, ht, vt = (192,), 32, 503, 24, 512
+    if block_rows is not None:  # grad_weight in blocks of 50 vocabulary rows (11 blocks)
+        monkeypatch.setattr(fused_linear, "GRAD_WEIGHT_BLOCK_BYTES", 4 * h * block_rows)
     s_h, s_w, s_b, t_h, t_w, t_b, y = _case(lead, h, v, ht, vt, bias=True, dtype=dtype, seed=23)
     w = _randn(4, *lead, seed=24)
     exact = _weighted_grads(
@@ -358,6 +362,28 @@ def test_no_tensor_of_n_times_v_elements_is_created():
         pyopd.reverse_kl(torch.addmm(s_b, x, s_w.T), torch.addmm(t_b, t_h, t_w.T), y,
                          mask=mask).kl.sum().backward()
     assert control.largest >= n * v
+
+
+@pytest.mark.parametrize("block", [1, 7, 40])
+@pytest.mark.parametrize("with_tokens", [True, False])
+def test_backward_in_vocabulary_blocks_matches_reference(block, with_tokens):
+    """grad_hidden / grad_weight / grad_bias summed over blocks of the weight's rows (float64)."""
+    n, h, v, ht, vt, chunk = 23, 5, 41, 6, 45, 4
+    s_h, s_w, s_b, t_h, t_w, t_b, y = _case((n,), h, v, ht, vt, bias=True, seed=40)
+    y = y if with_tokens else None
+    mask = _mask((n,), "some")
+    g = _randn(4, n, seed=41)
+    outs = fused_linear_forward_chunks(s_h, s_w, s_b, t_h, t_w, t_b, y, mask, 1 / 0.8, chunk)
+    got = fused_linear_backward_chunks(s_h, s_w, s_b, t_h, t_w, t_b, y, mask, outs[7], outs[0],
+                                       outs[1], g[0], g[1], g[2], g[3], 1 / 0.8, chunk, True, True,
+                                       True, vocab_block=block)
+    ref = _weighted_grads(
+        lambda a, b, c: fused_linear_reverse_kl_ref(a, b, t_h, t_w, y, mask, temperature=0.8,
+                                                    student_bias=c, teacher_bias=t_b,
+                                                    compute_dtype=F64),
+        (s_h, s_w, s_b), (g[0], g[2], g[1], g[3]))
+    for name, a, e in zip(("grad_hidden", "grad_weight", "grad_bias"), got, ref):
+        assert_close(a, e, atol=1e-11, rtol=1e-9, what=name)
 
 
 def test_backward_without_kl_skips_the_teacher():

@@ -20,15 +20,20 @@ differentiated) the teacher's chunk logits, so the op does 6 matmuls of size
 N x H x V where the materialised path does 4. What it buys is memory.
 
 Masked rows are dropped before the matmuls (their outputs and gradients are
-zero); finding them costs one ``nonzero`` per call (a host sync on CUDA), none
-per chunk.
+zero); finding them costs one ``nonzero`` in the forward and one in the
+backward (a host sync each on CUDA), none per chunk. Nothing else in the chunk
+loops waits for the device.
 
 Low precision: for bf16/fp16 the kernel writes the chunk's logit gradient in
 the input dtype (so the matmuls run in that dtype with float32 accumulation,
-as PyTorch's own backward does); ``grad_weight`` (and ``grad_bias``) are
-summed over chunks in float32 and rounded once at the end. That float32
-accumulator has the shape of the weight ([V, H], 4 bytes an element): it does
-not grow with N, but it is the largest buffer of the op at small N.
+as PyTorch's own backward does), and every sum over chunks is kept in float32
+and rounded once at the end. A float32 copy of the whole grad_weight ([V, H])
+would be the largest buffer of the op, so when there is more than one chunk
+the backward visits the weight's rows in blocks (``GRAD_WEIGHT_BLOCK_BYTES``,
+64 MiB of float32 a block) and, within a block, the rows in chunks of as many
+logits as a forward chunk: the vocabulary kernel gives a block's logit
+gradient from the saved per-row max and log-normalisers alone. grad_hidden is
+then summed over blocks in a float32 [N, H] buffer.
 """
 from __future__ import annotations
 
@@ -51,6 +56,9 @@ __all__ = [
 
 DEFAULT_CHUNK_BYTES: int = 32 * 2**20
 """Bytes of one chunk's logits when ``chunk_size`` is None (see the module docstring)."""
+
+GRAD_WEIGHT_BLOCK_BYTES: int = 64 * 2**20
+"""bf16/fp16: bytes of the float32 running sum of one block of grad_weight rows in backward."""
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _LOW = (torch.bfloat16, torch.float16)
@@ -129,6 +137,13 @@ def fused_linear_forward_chunks(
     return tuple(outs)
 
 
+def _vocab_block(vocab: int, hidden: int, low: bool, multi_chunk: bool, need_weight: bool) -> int:
+    """Rows of the weight whose gradient is summed at a time in backward (see the module docstring)."""
+    if not (low and multi_chunk and need_weight):
+        return vocab  # no float32 running sum needed: one block
+    return max(1, min(vocab, GRAD_WEIGHT_BLOCK_BYTES // (4 * max(1, hidden))))
+
+
 def fused_linear_backward_chunks(
     s_hidden: torch.Tensor, s_weight: torch.Tensor, s_bias: Optional[torch.Tensor],
     t_hidden: Optional[torch.Tensor], t_weight: Optional[torch.Tensor], t_bias: Optional[torch.Tensor],
@@ -137,55 +152,99 @@ def fused_linear_backward_chunks(
     grad_kl: Optional[torch.Tensor], grad_logprob: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
     inv_temperature: float, chunk_size: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+    vocab_block: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. s_hidden [N, H], s_weight [V, H], s_bias [V] (empty [0] when not needed)."""
-    n = s_hidden.shape[0]
-    low = s_hidden.dtype in _LOW
-    grad_h = torch.zeros_like(s_hidden) if need_hidden else s_hidden.new_empty(0)
-    grad_w = s_weight.new_empty(s_weight.shape) if need_weight else s_weight.new_empty(0)
-    acc_w: Optional[torch.Tensor] = None  # float32 running sum of grad_weight for bf16/fp16
-    acc_b: Optional[torch.Tensor] = None
-    if need_bias:
-        acc_b = torch.zeros(s_weight.shape[0], device=s_weight.device,
-                            dtype=torch.float32 if low else s_weight.dtype)
+    """Gradients w.r.t. s_hidden [N, H], s_weight [V, H], s_bias [V] (empty [0] when not needed).
+
+    The weight's rows are visited in blocks of ``vocab_block`` ids (0: automatic,
+    see `_vocab_block`); within a block the valid rows go in chunks whose
+    [rows, block] logits have as many elements as a [chunk_size, V] chunk. The
+    vocabulary kernel gives the gradient of a block of logits from the saved
+    per-row max and log-normalisers, so a block needs no other columns.
+    """
+    n, hdim = s_hidden.shape
+    vocab = s_weight.shape[0]
+    dtype = s_hidden.dtype
+    low = dtype in _LOW
     rows = _valid_rows(mask, n)
     count = n if rows is None else rows.numel()
-    if count == 0:
-        if need_weight:
-            grad_w.zero_()
-    # The teacher's logits only enter the gradient through the KL term.
+    vb = (_vocab_block(vocab, hdim, low, count > chunk_size, need_weight) if vocab_block <= 0
+          else min(vocab, vocab_block))
+    blocked = vb < vocab
+    # bf16/fp16 sums over several blocks (grad_hidden) or chunks (grad_weight,
+    # grad_bias) are kept in float32 and rounded once at the end.
+    h_acc_dtype = torch.float32 if (low and blocked) else dtype
+    grad_h = (torch.zeros(s_hidden.shape, dtype=h_acc_dtype, device=s_hidden.device) if need_hidden
+              else s_hidden.new_empty(0))
+    grad_w = torch.zeros_like(s_weight) if need_weight else s_weight.new_empty(0)
+    grad_b = (torch.zeros(vocab, device=s_weight.device, dtype=torch.float32 if low else dtype)
+              if need_bias else s_weight.new_empty(0))
+    rows_per = max(1, chunk_size * vocab // vb) if blocked else chunk_size
+    multi = count > rows_per
+    # The teacher's logits only enter the gradient through the KL term, and only
+    # its first V columns are read there (its normaliser is in `stats`).
     use_teacher = t_hidden is not None and grad_kl is not None
-    for i, (c0, c1, idx) in enumerate(_chunks(count, chunk_size, rows)):
-        h_c = _take(s_hidden, c0, c1, idx)
-        zs = _logits(h_c, s_weight, s_bias)
-        zt = _logits(_take(t_hidden, c0, c1, idx), t_weight, t_bias) if use_teacher else None
-        g = torch.ops.pyopd.vocab_stats_bwd(
-            zs, zt, _take(tokens, c0, c1, idx), None, _take(stats, c0, c1, idx),
-            _take(kl, c0, c1, idx), _take(student_entropy, c0, c1, idx),
-            _take(grad_kl, c0, c1, idx) if use_teacher else None, _take(grad_logprob, c0, c1, idx),
-            _take(grad_entropy, c0, c1, idx), _take(grad_lse, c0, c1, idx),
-            inv_temperature, s_hidden.dtype)
-        del zs, zt
-        if need_hidden:
-            _put(grad_h, c0, c1, idx, torch.mm(g, s_weight))
-        if need_weight:
-            if i == 0:
-                torch.mm(g.t(), h_c, out=grad_w)
-                if low and count > chunk_size:
-                    acc_w = grad_w.float()
-            elif acc_w is not None:
-                # The chunk's partial sum is rounded once to bf16/fp16; the running
-                # sum stays in float32, so rounding does not compound over chunks.
-                torch.mm(g.t(), h_c, out=grad_w)
-                acc_w.add_(grad_w)
-            else:
-                grad_w.addmm_(g.t(), h_c)
-        if acc_b is not None:
-            acc_b.add_(g.sum(0, dtype=acc_b.dtype))
-        del g
-    if acc_w is not None:
-        grad_w.copy_(acc_w)
-    grad_b = acc_b.to(s_weight.dtype) if acc_b is not None else s_weight.new_empty(0)
+    for v0 in range(0, vocab if count > 0 else 0, vb):
+        v1 = min(vocab, v0 + vb)
+        w_b = s_weight[v0:v1]
+        b_b = None if s_bias is None else s_bias[v0:v1]
+        gw_b = grad_w[v0:v1] if need_weight else None
+        acc_w: Optional[torch.Tensor] = None
+        for i, (c0, c1, idx) in enumerate(_chunks(count, rows_per, rows)):
+            h_c = _take(s_hidden, c0, c1, idx)
+            zs = _logits(h_c, w_b, b_b)
+            zt = None
+            if use_teacher:
+                zt = _logits(_take(t_hidden, c0, c1, idx), t_weight[v0:v1],
+                             None if t_bias is None else t_bias[v0:v1])
+            y = _take(tokens, c0, c1, idx)
+            g_lp = _take(grad_logprob, c0, c1, idx)
+            g_lse = _take(grad_lse, c0, c1, idx)
+            if blocked and y is not None:
+                # d log p(y) / dz_j = [j == y] - p_j: the -p_j part reaches every
+                # block, the one-hot part only the block holding y. The kernel
+                # drops the whole log-prob term for an id outside its columns, so
+                # there the -p_j part goes in as a log-sum-exp gradient (d lse / dz_j
+                # = p_j) of -g_lp.
+                y = y - v0
+                if g_lp is not None:
+                    inside = (y >= 0) & (y < v1 - v0)
+                    moved = torch.where(inside, torch.zeros_like(g_lp), g_lp)
+                    g_lse = -moved if g_lse is None else g_lse - moved
+                    g_lp = g_lp - moved
+            g = torch.ops.pyopd.vocab_stats_bwd(
+                zs, zt, y, None, _take(stats, c0, c1, idx), _take(kl, c0, c1, idx),
+                _take(student_entropy, c0, c1, idx),
+                _take(grad_kl, c0, c1, idx) if use_teacher else None, g_lp,
+                _take(grad_entropy, c0, c1, idx), g_lse, inv_temperature, dtype)
+            del zs, zt
+            if need_hidden:
+                part = torch.mm(g, w_b).to(h_acc_dtype)
+                if idx is None:
+                    grad_h[c0:c1].add_(part)
+                else:
+                    grad_h.index_add_(0, idx, part)
+            if need_weight:
+                if i == 0:
+                    torch.mm(g.t(), h_c, out=gw_b)
+                    if low and multi:
+                        acc_w = gw_b.float()
+                elif acc_w is not None:
+                    # The chunk's partial sum is rounded once to bf16/fp16; the
+                    # running sum stays in float32 (only a [block, H] buffer).
+                    torch.mm(g.t(), h_c, out=gw_b)
+                    acc_w.add_(gw_b)
+                else:
+                    gw_b.addmm_(g.t(), h_c)
+            if need_bias:
+                grad_b[v0:v1].add_(g.sum(0, dtype=grad_b.dtype))
+            del g
+        if acc_w is not None:
+            gw_b.copy_(acc_w)
+    if need_hidden and grad_h.dtype != dtype:
+        grad_h = grad_h.to(dtype)
+    if need_bias and grad_b.dtype != s_weight.dtype:
+        grad_b = grad_b.to(s_weight.dtype)
     return grad_h, grad_w, grad_b
 
 
