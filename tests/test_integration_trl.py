@@ -216,6 +216,7 @@ def test_trainer_rejects_bad_config(tok, tmp_path):
                         processing_class=tok, use_fused_linear=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["on_policy_fire", "offline_fused_linear"])
 def test_train_two_steps(tok, tmp_path, mode):
     student, teacher = _models(tok)
@@ -227,8 +228,20 @@ def test_train_two_steps(tok, tmp_path, mode):
     trainer = PyOPDGKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_dataset(),
                               processing_class=tok, fire=FireOptions(p=50.0) if on_policy else False,
                               use_fused_linear=not on_policy)
+    generated = []
+    if on_policy:
+        # Count GKD's own on-policy generation calls (lmbda=1: every step).
+        gen = trainer.generate_on_policy_outputs
+
+        def counting(model, inputs, generation_config):
+            out = gen(model, inputs, generation_config)
+            generated.append(out[2])
+            return out
+
+        trainer.generate_on_policy_outputs = counting
     out = trainer.train()
     assert out.global_step == 2
+    assert len(generated) == (2 if on_policy else 0)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
     for h in logs:
@@ -238,5 +251,6 @@ def test_train_two_steps(tok, tmp_path, mode):
     assert any(not torch.equal(a, p) for a, p in zip(before_s, student.parameters())), "student did not move"
     assert all(torch.equal(a, p) for a, p in zip(before_t, teacher.parameters())), "teacher changed"
     if on_policy:
-        # The last step trained on generated completions, not on the dataset's.
+        # The last step's loss ran on the generated completions, not on the dataset's.
         assert trainer.pyopd_last is not None and trainer.pyopd_last.fire is not None
+        assert torch.equal(trainer.pyopd_last.mask, generated[-1][:, 1:] != -100)

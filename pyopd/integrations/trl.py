@@ -257,7 +257,9 @@ class PyOPDGKDTrainer(GKDTrainer):
         res = gkd_reverse_kl_loss(
             student, teacher, inputs["labels"][:, 1:], temperature=self.pyopd_loss_temperature,
             num_items_in_batch=num_items_in_batch, fire=self.pyopd_fire)
-        self.pyopd_last = res
+        # Kept detached: holding the graph until the next step would pin memory.
+        self.pyopd_last = res._replace(loss=res.loss.detach(),
+                                       signals=ReverseKL(*(x.detach() for x in res.signals)))
         self._record_metrics(res)
         return (res.loss, student_outputs) if return_outputs else res.loss
 
