@@ -171,15 +171,17 @@ DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
                (torch.float32, torch.bfloat16), (torch.float16, torch.float32),
                (torch.float64, torch.float64)]
-# (V, Vt, mode): warp rows, block rows, split rows; V = 32001 is odd, so rows
-# after the first start at every 16-byte phase.
-SHAPES = [(37, 37, "warp"), (1000, 1003, "warp"), (5000, 5000, "block"), (32001, 32064, "block"),
-          (32001, 32064, "split-5"), (9000, 9000, "split-3")]
+# (V, Vt, mode, layout): warp rows, block rows, split rows. V = 32001 is odd,
+# so its rows start at every 16-byte phase even when contiguous; "offsets"
+# puts student and teacher at different phases on top.
+CASES = [(37, 37, "warp", "contiguous"), (37, 37, "warp", "offsets"), (1000, 1003, "warp", "offsets"),
+         (5000, 5000, "block", "contiguous"), (5000, 5000, "block", "offsets"),
+         (32001, 32064, "block", "offsets"), (32001, 32064, "split-5", "offsets"),
+         (9000, 9000, "split-3", "contiguous")]
 
 
 @pytest.mark.parametrize("sdt,tdt", DTYPE_PAIRS, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("v,vt,mode", SHAPES)
-@pytest.mark.parametrize("layout", ["contiguous", "offsets"])
+@pytest.mark.parametrize("v,vt,mode,layout", CASES)
 def test_emu_forward_and_backward_match_reference(emu, sdt, tdt, v, vt, mode, layout):
     n = 3
     s = _logits(n, v, 3.0, sdt, 1)
