@@ -188,7 +188,7 @@ def test_state_missing_a_required_key_is_skipped(two_ckpts):
 # ----------------------------------------------------------------------------- item 12: temp dirs
 
 
-def test_leftover_temp_dirs_are_removed_and_nothing_else(tmp_path):
+def test_leftover_temp_dirs_are_removed_and_nothing_else(tmp_path, monkeypatch):
     model = _tiny_lm(tied=False)
     leaked = [tmp_path / ".checkpoint-3.tmp-0123abcd", tmp_path / ".checkpoint-10.tmp-ffffffff"]
     others = [tmp_path / ".checkpoint-3.tmp-notahex!", tmp_path / "checkpoint-notes",
@@ -202,8 +202,12 @@ def test_leftover_temp_dirs_are_removed_and_nothing_else(tmp_path):
     assert not any(d.exists() for d in leaked)
     assert all(d.exists() for d in others)
     assert any("removed 2 unfinished checkpoint temp dir" in m for m in logs), logs
-    # resuming cleans too
+    # resuming cleans too, on rank 0 only (other ranks resume at the same time and only read)
     leaked[0].mkdir()
+    monkeypatch.setattr(ckpt_io, "_rank", lambda: 1)
+    ckpt_io.load_latest(tmp_path, model, logs.append)
+    assert leaked[0].exists()
+    monkeypatch.undo()
     ckpt_io.load_latest(tmp_path, model, logs.append)
     assert not leaked[0].exists()
 

@@ -266,6 +266,12 @@ def load_weights(model, ckpt: Path, sd: Optional[dict[str, torch.Tensor]] = None
     model.load_state_dict(sd, strict=False)
 
 
+def _rank() -> int:
+    """This process's torch.distributed rank (0 when not distributed)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def load_latest(out_dir: Path, model, log: Log = None,
                 required: Sequence[str] = ()) -> Optional[tuple[Path, dict[str, Any]]]:
     """Load the newest checkpoint in ``out_dir`` that loads completely; return (path, state).
@@ -278,10 +284,12 @@ def load_latest(out_dir: Path, model, log: Log = None,
     ``out_dir`` has no ``checkpoint-<step>`` directory at all; raises
     CheckpointError naming the directory and every reason when there are some
     but none loads, so a run never silently starts from scratch over them.
-    Stale temporary directories of killed saves are removed first.
+    Stale temporary directories of killed saves are removed first (by rank 0
+    alone when torch.distributed is initialised).
     """
     out_dir = Path(out_dir)
-    clean_temp(out_dir, log)
+    if _rank() == 0:  # every rank resumes, one cleans (the others only read)
+        clean_temp(out_dir, log)
     cands = _candidates(out_dir)
     if not cands:
         return None
