@@ -174,7 +174,9 @@ def _head(model: nn.Module, who: str) -> nn.Linear:
         if val is not None and not (attr == "logit_scale" and val == 1.0):
             raise ValueError(f"use_fused_linear=True: the {who}'s config sets {attr}={val}, so its logits "
                              "are not hidden @ lm_head.weight.T; use use_fused_linear=False")
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+    # A PEFT wrapper forwards **kwargs to the model it wraps: check that one.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         raise ValueError(f"use_fused_linear=True needs the {who}'s forward to accept logits_to_keep")
     return head
 
