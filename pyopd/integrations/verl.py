@@ -28,6 +28,7 @@ in every process, Ray workers included when the variable is forwarded).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -152,8 +153,8 @@ def _signals(
         raise ValueError(f"response_mask must be [B, T], got shape {tuple(response_mask.shape)}")
     mask = response_mask.bool()
     B = mask.shape[0]
-    old = _need("old_log_probs", method, old_log_probs, mask)
     lq = _need("teacher_log_prob", method, teacher_log_prob, mask)
+    old = _need("old_log_probs", method, old_log_probs, mask)
     zero = torch.zeros((), dtype=old.dtype, device=old.device)
     # The driver sees the whole batch in one process: no cross-rank reduction.
     if method == "pyopd_opd":
@@ -376,8 +377,16 @@ def _register_trainer() -> Optional[str]:
         from tensordict import TensorDict
 
         from verl.protocol import DataProto
-        from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
-        from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+        with warnings.catch_warnings():
+            # Importing verl 0.9.1's trainer warns about its own optional parts ("torchtitan
+            # engine is not available", ray's "state API is no longer experimental"); those
+            # notices are verl's and ray's, not a reason to fail a strict-warnings run.
+            warnings.filterwarnings("ignore", message=r"\w+ engine is not available", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Ray state API is no longer experimental",
+                                    category=DeprecationWarning)
+            from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
+            from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
         from verl.workers.utils.padding import response_from_nested, response_to_nested
     except ImportError as e:  # verl's v1 trainer needs transfer_queue, torchdata, ... (GPU installs have them)
         return f"{type(e).__name__}: {e}"

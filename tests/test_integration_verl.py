@@ -1,0 +1,289 @@
+"""pyopd's verl plug-in, called through verl's own registries (needs verl >= 0.9 installed).
+
+Every registered function is looked up with verl's `get_adv_estimator_fn` /
+`get_policy_loss_fn` and called the way verl calls it (verl 0.9.1:
+`ray_trainer.compute_advantage` / `workers.utils.losses.ppo_loss`), then
+compared with pyopd's own functions in float64, and the PPO losses also with
+verl's own "vanilla" loss.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed")
+
+import pyopd.integrations.verl as pv  # noqa: E402  (registers on import)
+from pyopd.losses import copsd_loss, copsd_signals, fire_opd_loss, fire_opd_signals, opd_loss  # noqa: E402
+
+from _helpers import assert_close  # noqa: E402
+
+F64 = torch.float64
+get_adv = core_algos.get_adv_estimator_fn
+get_loss = core_algos.get_policy_loss_fn
+
+
+def actor_config(**kw):
+    from verl.workers.config import ActorConfig
+
+    base = dict(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1, clip_ratio=0.2)
+    base.update(kw)
+    return ActorConfig(**base)
+
+
+def rollout(B=8, T=7, seed=0, groups=4):
+    """A verl-shaped batch: right-padded responses, one empty row, a 1e4-scale outlier."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[3] = 0  # an empty response
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(torch.int64)  # verl's masks are int / float
+    old = -torch.rand(B, T, generator=g, dtype=F64) * 3
+    lq = -torch.rand(B, T, generator=g, dtype=F64) * 4
+    lq[5, 0] = -1e4  # a token the teacher finds (almost) impossible
+    logprob = (old + 0.3 * torch.randn(B, T, generator=g, dtype=F64)).requires_grad_(True)
+    hs = torch.rand(B, T, generator=g, dtype=F64) * 2
+    ht = torch.rand(B, T, generator=g, dtype=F64) * 2
+    uid = np.array([f"prompt-{i % groups}" for i in range(B)], dtype=object)
+    return dict(mask=mask, old=old, lq=lq, logprob=logprob, hs=hs, ht=ht, uid=uid,
+                rewards=torch.zeros(B, T, dtype=F64))
+
+
+def estimate(name, r, config=None, **kw):
+    args = dict(teacher_log_prob=r["lq"], old_log_probs=r["old"], student_entropy=r["hs"])
+    args.update(kw)
+    return get_adv(name)(token_level_rewards=r["rewards"], response_mask=r["mask"], config=config,
+                         index=r["uid"], **args)
+
+
+def call_loss(name, r, adv, config, mask=None, rows=slice(None), agg="token-mean"):
+    m = r["mask"] if mask is None else mask
+    return get_loss(name)(old_log_prob=r["old"][rows], log_prob=r["logprob"][rows], advantages=adv[rows],
+                          response_mask=m[rows].bool(), loss_agg_mode=agg, config=config,
+                          rollout_is_weights=None)
+
+
+def grad_of(loss, x):
+    (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+def test_registered_in_verls_registries():
+    for m in pv.METHODS:
+        assert get_adv(m).__name__ == f"compute_{m}_advantage"
+        assert get_loss(m).__name__ == f"compute_policy_loss_{m}"
+    # importing again must not trip verl's duplicate-registration check
+    import importlib
+
+    importlib.reload(pv)
+    assert "pyopd_fire" in core_algos.ADV_ESTIMATOR_REGISTRY
+
+
+def test_import_through_verl_external_modules_env(tmp_path):
+    """VERL_USE_EXTERNAL_MODULES (read by `import verl` in every process) registers the plug-in."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="pyopd.integrations.verl")
+    code = ("import verl\nfrom verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as P, "
+            "ADV_ESTIMATOR_REGISTRY as A\nprint(sorted(k for k in P if k.startswith('pyopd')), "
+            "sorted(k for k in A if k.startswith('pyopd')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = sorted(pv.METHODS)
+    assert out.stdout.strip() == f"{want} {want}"
+
+
+# ---- advantage estimators (driver) ---------------------------------------------------------
+
+
+def test_opd_estimator_is_teacher_minus_old():
+    r = rollout()
+    adv, ret = estimate("pyopd_opd", r)
+    m = r["mask"].bool()
+    assert_close(adv, torch.where(m, r["lq"] - r["old"], torch.zeros((), dtype=F64)), atol=0, what="adv")
+    assert torch.equal(adv, ret)
+
+
+@pytest.mark.parametrize("preset", ["paper", "released"])
+def test_copsd_estimator_matches_copsd_signals(preset):
+    r = rollout(seed=1)
+    cfg = {"pyopd": {"preset": preset, "reward_bonus": 0.05}}
+    adv, _ = estimate("pyopd_copsd", r, config=cfg)
+    ids = torch.tensor([int(u.split("-")[1]) for u in r["uid"]])
+    want, _ = copsd_signals(r["lq"], r["old"], r["mask"].bool(), ids, reward_bonus=0.05, preset=preset, sync=False)
+    assert_close(adv, want, atol=1e-12, what=f"copsd advantages ({preset})")
+    assert float(adv.abs().sum()) > 0
+
+
+def test_fire_estimator_matches_fire_opd_signals():
+    r = rollout(B=10, seed=2)
+    cfg = {"pyopd": {"p": 30.0, "alpha": 0.5, "beta": 2.0, "teacher_entropy_field": "teacher_entropy"}}
+    adv, _ = estimate("pyopd_fire", r, config=cfg, teacher_entropy=r["ht"])
+    m = r["mask"].bool()
+    sig = fire_opd_signals(r["lq"], m, teacher_entropy=r["ht"], student_entropy=r["hs"], p=30.0, alpha=0.5,
+                           beta=2.0, sync=False)
+    assert 0 < int(sig.keep.sum()) < int(m.any(-1).sum())  # the filter did drop something
+    want = torch.where(m & sig.keep[:, None], sig.weight * (r["lq"] - r["old"]), torch.zeros((), dtype=F64))
+    assert_close(adv, want, atol=1e-12, what="fire advantages")
+    # the driver step also removes dropped rollouts from the response mask
+    res = pv.compute_pyopd_advantage(
+        {"response_mask": r["mask"], "old_log_probs": r["old"], "teacher_log_prob": r["lq"], "entropy": r["hs"],
+         "teacher_entropy": r["ht"]}, "pyopd_fire", cfg, index=r["uid"])
+    assert torch.equal(res.response_mask, m & sig.keep[:, None])
+    assert torch.equal(res.keep, sig.keep)
+    assert_close(res.advantages, adv, atol=0, what="driver vs registry")
+    assert res.metrics["keep_ratio"] == sig.metrics["keep_ratio"]
+
+
+def test_fire_estimator_released_preset_per_micro_batch():
+    r = rollout(B=8, seed=3)
+    cfg = {"pyopd": {"preset": "released", "micro_batch": 4, "teacher_entropy_field": "h"}}
+    adv, _ = estimate("pyopd_fire", r, config=cfg, teacher_entropy=r["ht"])
+    m = r["mask"].bool()
+    sig = fire_opd_signals(r["lq"], m, teacher_entropy=r["ht"], student_entropy=r["hs"], preset="released",
+                           micro_batch=4)
+    want = torch.where(m & sig.keep[:, None], sig.weight * (r["lq"] - r["old"]), torch.zeros((), dtype=F64))
+    assert_close(adv, want, atol=1e-12, what="fire released advantages")
+
+
+def test_fire_without_teacher_entropy_needs_alpha_zero():
+    r = rollout(seed=4)
+    with pytest.raises(ValueError, match="teacher_entropy"):
+        estimate("pyopd_fire", r)
+    adv, _ = estimate("pyopd_fire", r, config={"pyopd": {"alpha": 0.0}})
+    m = r["mask"].bool()
+    # alpha = 0: the teacher-confidence factor is 1 for any H_t
+    sig = fire_opd_signals(r["lq"], m, teacher_entropy=r["ht"], student_entropy=r["hs"], alpha=0.0, sync=False)
+    want = torch.where(m & sig.keep[:, None], sig.weight * (r["lq"] - r["old"]), torch.zeros((), dtype=F64))
+    assert_close(adv, want, atol=1e-12, what="fire alpha=0")
+
+
+def test_estimators_name_what_is_missing():
+    r = rollout()
+    for m in pv.METHODS:
+        with pytest.raises(ValueError, match="teacher_log_prob.*pyopd_sync"):
+            # exactly what verl's stock compute_advantage passes
+            get_adv(m)(token_level_rewards=r["rewards"], response_mask=r["mask"], config=None, index=r["uid"])
+    with pytest.raises(ValueError, match="index"):
+        get_adv("pyopd_copsd")(token_level_rewards=r["rewards"], response_mask=r["mask"],
+                               teacher_log_prob=r["lq"], old_log_probs=r["old"])
+    with pytest.raises(ValueError, match="unknown option.*'q'"):
+        estimate("pyopd_opd", r, config={"pyopd": {"q": 1}})
+    with pytest.raises(ValueError, match="old_log_probs must have the shape"):
+        estimate("pyopd_opd", r, old_log_probs=r["old"][:, :3])
+    with pytest.raises(ValueError, match="micro_batch"):
+        estimate("pyopd_fire", r, config={"pyopd": {"preset": "released"}}, teacher_entropy=r["ht"])
+
+
+def test_options_from_omegaconf_algorithm_config():
+    from omegaconf import OmegaConf
+
+    algo = OmegaConf.create({"adv_estimator": "pyopd_fire", "pyopd": {"p": 10, "reward_clip": [-1, 2]}})
+    o = pv.options(algo)
+    assert o["p"] == 10 and o["reward_clip"] == (-1, 2) and o["preset"] == "paper"
+
+
+# ---- policy losses (actor) -----------------------------------------------------------------
+
+
+def test_opd_policy_loss_matches_opd_loss_and_verl_vanilla():
+    r = rollout(seed=5)
+    adv, _ = estimate("pyopd_opd", r)
+    cfg = actor_config(clip_ratio_low=0.1, clip_ratio_high=0.28)
+    loss, metrics = call_loss("pyopd_opd", r, adv, cfg)
+    want, wm = opd_loss(r["logprob"], r["old"], r["lq"], r["mask"].bool(), clip_ratio_low=0.1, clip_ratio_high=0.28)
+    assert_close(loss, want, atol=1e-12, what="loss")
+    assert_close(grad_of(loss, r["logprob"]), grad_of(want, r["logprob"]), atol=1e-12, what="grad")
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(wm["pg_clipfrac"], abs=1e-12)
+    # verl's own loss with a dual clip that never binds is the same surrogate
+    vanilla, _ = call_loss("vanilla", r, adv, actor_config(clip_ratio_low=0.1, clip_ratio_high=0.28, clip_ratio_c=1e30))
+    assert_close(loss, vanilla, atol=1e-12, what="vs verl vanilla")
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_copsd_policy_loss_matches_copsd_loss_and_verl_vanilla(agg):
+    r = rollout(seed=6)
+    adv, _ = estimate("pyopd_copsd", r)
+    # off-policy enough that the clips and the dual clip bind
+    r["logprob"] = (r["old"] + torch.randn(r["old"].shape, generator=torch.Generator().manual_seed(0),
+                                           dtype=F64)).requires_grad_(True)
+    cfg = actor_config(clip_ratio_c=3.0)
+    loss, metrics = call_loss("pyopd_copsd", r, adv, cfg, agg=agg)
+    want, wm = copsd_loss(r["logprob"], r["old"], None, r["mask"].bool(), advantages=adv, dual_clip=3.0, agg=agg)
+    assert wm["pg_clipfrac_lower"] > 0
+    assert_close(loss, want, atol=1e-12, what="loss")
+    assert_close(grad_of(loss, r["logprob"]), grad_of(want, r["logprob"]), atol=1e-12, what="grad")
+    vanilla, vm = call_loss("vanilla", r, adv, cfg, agg=agg)
+    # verl divides a row by (n + 1e-8) in seq-mean-token-mean
+    assert_close(loss, vanilla, atol=1e-9, what="vs verl vanilla")
+    # verl takes its masked means in float32
+    assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(vm["actor/pg_clipfrac_lower"], abs=1e-7)
+
+
+def test_fire_policy_loss_micro_batches_sum_to_fire_opd_loss():
+    """Driver signals once, the actor's micro-batch losses with verl's global token count
+    add up to pyopd's whole-batch FiRe-OPD loss (value and gradient)."""
+    r = rollout(B=10, seed=7)
+    cfg = {"pyopd": {"teacher_entropy_field": "h"}}
+    res = pv.compute_pyopd_advantage(
+        {"response_mask": r["mask"], "old_log_probs": r["old"], "teacher_log_prob": r["lq"], "entropy": r["hs"],
+         "h": r["ht"]}, "pyopd_fire", cfg, index=r["uid"])
+    m = r["mask"].bool()
+    sig = fire_opd_signals(r["lq"], m, teacher_entropy=r["ht"], student_entropy=r["hs"], sync=False)
+    want, _ = fire_opd_loss(r["logprob"], r["old"], r["lq"], m, keep=sig.keep, weight=sig.weight)
+    actor = actor_config()
+    # what verl's ppo_loss puts in global_batch_info: dp size and the mini-batch's token count
+    actor.global_batch_info.update(dp_size=1, batch_num_tokens=int(res.response_mask.sum()), global_batch_size=10)
+    total = sum(call_loss("pyopd_fire", r, res.advantages, actor, mask=res.response_mask, rows=rows)[0]
+                for rows in (slice(0, 3), slice(3, 7), slice(7, 10)))
+    assert_close(total, want, atol=1e-12, what="loss")
+    assert_close(grad_of(total, r["logprob"]), grad_of(want, r["logprob"]), atol=1e-12, what="grad")
+
+
+def test_policy_loss_dp_scaling_matches_verl():
+    """With dp_size = 2 verl scales a rank's loss by dp / global count; so does the plug-in."""
+    r = rollout(seed=8)
+    adv, _ = estimate("pyopd_opd", r)
+    cfg = actor_config(clip_ratio_c=1e30)
+    cfg.global_batch_info.update(dp_size=2, batch_num_tokens=3 * int(r["mask"].sum()), global_batch_size=20)
+    for agg in ("token-mean", "seq-mean-token-sum"):
+        ours, _ = call_loss("pyopd_opd", r, adv, cfg, agg=agg)
+        vanilla, _ = call_loss("vanilla", r, adv, cfg, agg=agg)
+        assert_close(ours, vanilla, atol=1e-12, what=agg)
+
+
+def test_policy_loss_errors():
+    r = rollout()
+    adv, _ = estimate("pyopd_opd", r)
+    cfg = actor_config()
+    with pytest.raises(ValueError, match="loss_agg_mode 'token-sum'"):
+        call_loss("pyopd_fire", r, adv, cfg, agg="token-sum")
+    with pytest.raises(ValueError, match="rollout_is_weights"):
+        get_loss("pyopd_fire")(r["old"], r["logprob"], adv, r["mask"], "token-mean", cfg, torch.ones_like(adv))
+    cfg.global_batch_info.update(dp_size=2)
+    with pytest.raises(ValueError, match="global batch info"):
+        call_loss("pyopd_copsd", r, adv, cfg)
+
+
+def test_empty_batch_gives_zero_loss():
+    r = rollout(B=6, T=4)
+    r["mask"] = torch.zeros_like(r["mask"])
+    adv, _ = estimate("pyopd_copsd", r)
+    assert torch.equal(adv, torch.zeros_like(adv))
+    loss, _ = call_loss("pyopd_copsd", r, adv, actor_config())
+    assert float(loss) == 0.0 and torch.isfinite(grad_of(loss, r["logprob"])).all()
+
+
+# ---- the v1 trainer mode -------------------------------------------------------------------
+
+
+def test_trainer_mode_registered_or_reason_given():
+    reason = pv.trainer_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"verl's v1 trainer does not import here: {reason}")
+    from verl.trainer.ppo.v1.trainer_base import get_trainer_cls
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    assert issubclass(get_trainer_cls(pv.TRAINER_MODE), PPOTrainerSync)
