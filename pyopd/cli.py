@@ -565,12 +565,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         print(f"pyopd {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as e:  # a diverged run: a clear line, no traceback; checkpoints are kept
+    except Exception as e:  # a diverged run or unreadable checkpoints: one clear line, no traceback
+        from pyopd.trainers.checkpoint import CheckpointError
         from pyopd.trainers.opd import NonFiniteError
 
         if isinstance(e, NonFiniteError):
             print(f"pyopd {args.command}: stopped: {e}", file=sys.stderr)
             return EXIT_DIVERGED
+        if isinstance(e, CheckpointError):
+            print(f"pyopd {args.command}: error: --resume: {e}", file=sys.stderr)
+            return EXIT_USAGE
         raise
     return 1
 

@@ -167,10 +167,17 @@ def run_demo(cfg: OPDConfig, losses=("opd", "fire"), scale: str = "demo", out: P
                "total_s": time.time() - t_start, "results": results, "config": vars(base)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    plot = plot_curves(runs, ["eval/accuracy", "eval/avg@4", "eval/pass@4", "teacher_logprob", "loss",
-                              "keep_ratio", "response_length", "student_entropy", "kl_mean"],
-                       out / "curves.png",
-                       title=f"pyopd demo ({scale}, seed {base.seed})")
+    # "loss" is a PPO surrogate for the sampled-token objectives and the KL itself for the
+    # exact ones: never on one axis.
+    exact = [x for x in runs if get_objective(x).needs_teacher_logits]
+    sampled = [x for x in runs if x not in exact]
+    panels = {"avg@4 (T=1, eval)": "eval/avg@4", "greedy accuracy (eval)": "eval/accuracy",
+              "pass@4 (eval)": "eval/pass@4", "teacher log-prob of samples": "teacher_logprob",
+              "loss: PPO surrogate": ("loss", sampled), "loss: exact reverse KL": ("loss", exact),
+              "keep ratio": "keep_ratio", "response length": "response_length",
+              "student entropy": "student_entropy"}
+    plot = plot_curves(runs, {k: v for k, v in panels.items() if not (isinstance(v, tuple) and not v[1])},
+                       out / "curves.png", title=f"pyopd demo ({scale}, seed {base.seed})")
     log(format_table(summary))
     if plot is not None:
         log(f"[pyopd] curves: {plot}")

@@ -384,6 +384,8 @@ class OPDTrainer:
         evaluating again.
         """
         cfg = self.cfg
+        if self.rank == 0:
+            ckpt_io.clean_temp(self.out_dir, self.log)  # what a killed save left behind
         resumed = self.resume() if resume else None
         log = JsonlLog(self.out_dir / "metrics.jsonl", resume_step=self.step if resumed else None,
                        log=self.log) if self.rank == 0 else None
