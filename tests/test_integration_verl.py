@@ -287,3 +287,70 @@ def test_trainer_mode_registered_or_reason_given():
     from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
     assert issubclass(get_trainer_cls(pv.TRAINER_MODE), PPOTrainerSync)
+
+
+def test_trainer_mode_advantage_step_reads_teacher_logprobs(monkeypatch):
+    """The "pyopd_sync" trainer's advantage step on a fake TransferQueue holding what verl
+    0.9.1 stores: nested response fields, and teacher_logprobs over prompt + response [S, 1]."""
+    reason = pv.trainer_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"verl's v1 trainer does not import here: {reason}")
+    import transfer_queue as tq
+    from omegaconf import OmegaConf
+    from tensordict import NonTensorData, NonTensorStack, TensorDict
+    from transfer_queue import KVBatchMeta
+    from verl.trainer.ppo.v1.trainer_base import get_trainer_cls
+
+    g = torch.Generator().manual_seed(11)
+    resp = [3, 5, 1, 4, 2, 5]
+    prompt = [2, 1, 4, 3, 2, 1]
+    uids = ["u0", "u0", "u0", "u1", "u1", "u1"]
+    old = [-torch.rand(n, generator=g) * 2 for n in resp]
+    hs = [torch.rand(n, generator=g) for n in resp]
+    teacher = [-torch.rand(p + n, 1, generator=g) * 3 for p, n in zip(prompt, resp)]
+
+    def nest(xs):
+        return torch.nested.as_nested_tensor(xs, layout=torch.jagged)
+
+    store = TensorDict({
+        "uid": NonTensorStack(*[NonTensorData(u) for u in uids]),
+        "response_mask": nest([torch.ones(n, dtype=torch.int64) for n in resp]),
+        "old_log_probs": nest(old), "entropy": nest(hs), "teacher_logprobs": nest(teacher),
+    }, batch_size=len(resp))
+    written = {}
+
+    def kv_batch_get(keys, partition_id, select_fields):
+        return store.select(*select_fields)
+
+    def kv_batch_put(keys, partition_id, fields):
+        written.update(fields.items())
+        return "batch-after-put"
+
+    monkeypatch.setattr(tq, "kv_batch_get", kv_batch_get)
+    monkeypatch.setattr(tq, "kv_batch_put", kv_batch_put)
+    trainer = object.__new__(get_trainer_cls(pv.TRAINER_MODE))
+    trainer.config = OmegaConf.create({"algorithm": {
+        "adv_estimator": "pyopd_fire", "use_kl_in_reward": False, "pyopd": {"alpha": 0.0, "p": 34.0}}})
+    batch = KVBatchMeta(keys=[f"k{i}" for i in range(len(resp))], tags=[{}] * len(resp), partition_id="train")
+    metrics: dict = {}
+    assert trainer._compute_advantage(batch, metrics) == "batch-after-put"
+
+    # expected, by hand: the teacher's response slice as verl's distillation loss takes it
+    # (positions S - n - 1 .. S - 2 of the sequence), padded to [B, T]
+    T = max(resp)
+    mask = torch.zeros(len(resp), T, dtype=torch.bool)
+    lq, o, h = (torch.zeros(len(resp), T) for _ in range(3))
+    for i, (p, n) in enumerate(zip(prompt, resp)):
+        mask[i, :n] = True
+        lq[i, :n] = teacher[i][p - 1: p + n - 1, 0]
+        o[i, :n], h[i, :n] = old[i], hs[i]
+    sig = fire_opd_signals(lq, mask, teacher_entropy=torch.zeros_like(h), student_entropy=h, p=34.0, alpha=0.0,
+                           sync=False)
+    assert int(sig.keep.sum()) == 4  # floor(0.34 * 6) = 2 rollouts dropped
+    want = torch.where(mask & sig.keep[:, None], sig.weight * (lq - o), torch.zeros(()))
+    got = written["advantages"].to_padded_tensor(0.0)
+    assert_close(got, want, atol=1e-6, what="advantages written back")
+    new_mask = written["response_mask"].to_padded_tensor(0)
+    assert torch.equal(new_mask.bool(), mask & sig.keep[:, None])
+    assert written["response_mask"].offsets().diff().tolist() == resp  # lengths unchanged, rows zeroed
+    assert metrics["pyopd/keep_ratio"] == pytest.approx(4 / 6)
