@@ -308,7 +308,8 @@ def token_stats(
         mask: bool, shaped like the leading dims, True where the token counts.
             Masked rows read no logits and give zeros (and zero gradients).
         temperature: p = softmax(z), z = logits * (1 / temperature), z rounded
-            to float32 (float64 for float64 logits) on its own.
+            to float32 (float64 for float64 logits) on its own. 1/temperature
+            must be a normal float32: temperature in [2.94e-39, 8.51e37].
 
     Returns:
         TokenStats(logprob, entropy, lse), each float32 (float64 for float64
@@ -349,7 +350,7 @@ def reverse_kl(
         tokens: sampled ids shaped like the leading dims, or None (both log-probs 0).
         mask: bool, shaped like the leading dims, True where the token counts;
             masked rows read no logits and give zeros and zero gradients.
-        temperature: applied to both models.
+        temperature: applied to both models; as in `token_stats`.
 
     Returns:
         ReverseKL(kl, student_entropy, teacher_entropy, student_logprob,
