@@ -354,3 +354,44 @@ def test_trainer_mode_advantage_step_reads_teacher_logprobs(monkeypatch):
     assert torch.equal(new_mask.bool(), mask & sig.keep[:, None])
     assert written["response_mask"].offsets().diff().tolist() == resp  # lengths unchanged, rows zeroed
     assert metrics["pyopd/keep_ratio"] == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize("method", ["fire", "copsd", "opd"])
+def test_example_overrides_compose_with_verls_config(method, tmp_path):
+    """examples/verl's launch script: its overrides compose with verl's own Hydra config
+    (verl's schema, not a run) and name registered pyopd functions."""
+    import os
+    import pathlib
+    import subprocess
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import verl
+    from verl.utils.config import omega_conf_to_dataclass
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "verl" / "run_opd_qwen3_4b_8gpu.sh"
+    text = script.read_text()
+    launch = "python3 -m verl.trainer.main_ppo"
+    assert text.count(launch) == 1
+    dry = tmp_path / "args.sh"
+    dry.write_text(text.replace(launch, 'printf "%s\\n"'))
+    out = subprocess.run(["bash", str(dry)], env=dict(os.environ, METHOD=method), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    overrides = [a for a in out.stdout.splitlines() if a.strip()]
+    cfg_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=cfg_dir, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    name = f"pyopd_{method}"
+    assert cfg.algorithm.adv_estimator == name and get_adv(name) is core_algos.ADV_ESTIMATOR_REGISTRY[name]
+    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == name and get_loss(name)
+    assert cfg.trainer.v1.trainer_mode == pv.TRAINER_MODE
+    opts = pv.options(cfg.algorithm)
+    if method == "fire":
+        assert opts["alpha"] == 0.0 and opts["p"] == 20
+    loss_cfg = omega_conf_to_dataclass(cfg.distillation.distillation_loss)
+    assert loss_cfg.loss_mode == "k1" and loss_cfg.distillation_loss_coef == 0.0 and loss_cfg.use_task_rewards
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    assert actor.use_kl_loss == (method == "copsd")
+    assert OmegaConf.select(cfg, "algorithm.rollout_correction.rollout_is") is None
