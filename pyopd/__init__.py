@@ -37,24 +37,32 @@ def cuda_status() -> CudaStatus:
     return CudaStatus(bool(available), str(reason), int(driver), int(runtime))
 
 
-from pyopd.ops import (  # noqa: E402  (after _C is loaded)
-    FireWeights,
-    GroupAdvantages,
-    ReverseKL,
-    TokenStats,
-    TrajectoryFilter,
-    TrajectoryScores,
-    fire_token_weights,
-    fused_linear_reverse_kl,
-    fused_linear_token_stats,
-    group_advantages,
-    reverse_kl,
-    reverse_kl_backward,
-    token_stats,
-    trajectory_filter,
-    trajectory_scores,
+# The ops, losses and the rest import torch: load them on first use, so that
+# `import pyopd.cli` (and `pyopd -h`) stays fast and torch-free.
+_OPS = (
+    "FireWeights", "GroupAdvantages", "ReverseKL", "TokenStats", "TrajectoryFilter", "TrajectoryScores",
+    "fire_token_weights", "fused_linear_reverse_kl", "fused_linear_token_stats", "group_advantages",
+    "reverse_kl", "reverse_kl_backward", "token_stats", "trajectory_filter", "trajectory_scores",
 )
-from pyopd import losses  # noqa: E402
+_SUBMODULES = ("losses", "objectives", "ops", "presets", "trainers", "config")
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _OPS:
+        value = getattr(importlib.import_module("pyopd.ops"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"pyopd.{name}")
+    else:
+        raise AttributeError(f"module 'pyopd' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_OPS) | set(_SUBMODULES))
+
 
 __all__ = [
     "FireWeights",
