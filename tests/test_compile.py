@@ -9,9 +9,12 @@ teacher_index, alpha) must still fire inside a compiled graph.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import pyopd
 from pyopd.ops import distributed
@@ -213,13 +216,52 @@ def test_signal_checks_fire_inside_the_graph(dynamic):
 
 
 def test_cross_rank_path_refuses_to_compile(monkeypatch):
-    # Pretend torch.distributed has several ranks: the signal ops must refuse to
-    # trace their collectives (with a message that says what to do), not hang.
+    # Pretend torch.distributed has several ranks: with fullgraph the signal ops
+    # must refuse to trace their collectives, with a message that says what to do.
     monkeypatch.setattr(distributed, "sync_group", lambda process_group, sync: "several-ranks")
     d = _signal_inputs(3, 4, 17)
     fn = _compile(lambda lq, m: trajectory_scores(lq, m).keep, False)
-    with pytest.raises(Exception, match="cannot run under torch.compile.*sync=False"):
+    with pytest.raises(Exception, match="cross-rank.*runs eagerly only.*sync=False"):
         fn(d["lq"], d["mask"])
+
+
+def _two_rank_worker(rank: int, store: str, out_dir: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        d = _signal_inputs(6, 5, 40 + rank)  # each rank its own rollouts
+        fn = lambda lq, m: trajectory_scores(lq, m, p=50.0)  # noqa: E731
+        out = {"eager": fn(d["lq"], d["mask"])}
+        # without fullgraph: a graph break, the collectives run eagerly in between
+        out["compiled"] = torch.compile(fn, backend="aot_eager")(d["lq"], d["mask"])
+        torch._dynamo.reset()  # else the graph-broken frames above would be reused
+        try:
+            torch.compile(fn, fullgraph=True, backend="aot_eager")(d["lq"], d["mask"])
+            out["fullgraph_error"] = ""
+        except Exception as e:  # noqa: BLE001  (the message is what is checked)
+            out["fullgraph_error"] = str(e)
+        local = lambda lq, m: trajectory_scores(lq, m, p=50.0, sync=False)  # noqa: E731
+        out["local_eager"] = local(d["lq"], d["mask"])
+        out["local_compiled"] = torch.compile(local, fullgraph=True, backend="aot_eager")(d["lq"], d["mask"])
+        torch.save({k: (v if isinstance(v, str) else tuple(v)) for k, v in out.items()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # two spawned interpreters importing torch
+def test_two_ranks_under_compile(tmp_path):
+    mp.start_processes(_two_rank_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for r in range(2):
+        out = torch.load(tmp_path / f"rank{r}.pt")
+        assert all(torch.equal(a, b) for a, b in zip(out["compiled"], out["eager"]))
+        assert all(torch.equal(a, b) for a, b in zip(out["local_compiled"], out["local_eager"]))
+        # the threshold is over both ranks' rollouts: 12 scored, not this rank's 6
+        assert int(out["eager"][7]) > int(out["local_eager"][7])
+        assert "runs eagerly only" in out["fullgraph_error"] and "sync=False" in out["fullgraph_error"]
 
 
 # --------------------------------------------------------------------------- inductor

@@ -2,9 +2,9 @@
 
 The batch-level reductions of the signal ops (filter quantile, entropy maxima,
 group pooling) run over every rank's rollouts when torch.distributed is
-initialised. These collectives run eagerly only: under torch.compile the ops
-raise (`require_eager`) instead of tracing a collective whose sizes depend on
-the data.
+initialised. These collectives run eagerly only (`run_eager`): under
+torch.compile they are a graph break (an error with fullgraph=True), never a
+traced collective whose sizes depend on the data.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["all_gather_rows", "max_over_ranks", "require_eager", "sync_group"]
+__all__ = ["all_gather_rows", "max_over_ranks", "run_eager", "sync_group"]
 
 
 def sync_group(process_group, sync: Optional[bool]):
@@ -35,13 +35,29 @@ def sync_group(process_group, sync: Optional[bool]):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def require_eager(op: str) -> None:
-    """Raise under torch.compile: the cross-rank path of `op` is eager-only."""
-    if torch.compiler.is_compiling():
-        raise RuntimeError(
-            f"{op}: the cross-rank (torch.distributed) path cannot run under torch.compile; "
-            "call it outside the compiled region, or pass sync=False to reduce over this "
-            "rank's rollouts only")
+_EAGER_REASON = (
+    "the cross-rank (torch.distributed) path of the pyopd signal ops runs eagerly only: pass "
+    "sync=False inside torch.compile(fullgraph=True), or call the op outside the compiled region")
+
+
+def _eager(fn, *args):
+    return fn(*args)
+
+
+try:  # the reason shows in torch.compile's error (torch >= 2.8 takes one)
+    _eager = torch.compiler.disable(_eager, reason=_EAGER_REASON)
+except TypeError:
+    _eager = torch.compiler.disable(_eager)
+
+
+def run_eager(fn, *args):
+    """fn(*args) outside any torch.compile graph.
+
+    Under torch.compile this is a graph break: without fullgraph the
+    collectives run eagerly between two graphs; with fullgraph=True the
+    compile fails with an error that gives `_EAGER_REASON`.
+    """
+    return _eager(fn, *args)
 
 
 def all_gather_rows(x: torch.Tensor, group, *, with_offset: bool = False):

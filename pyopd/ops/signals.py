@@ -26,7 +26,8 @@ inside its implementation and has a fake (meta) implementation, so the ops
 trace with torch.compile(fullgraph=True), static or dynamic shapes. Checks on
 the data (e.g. teacher_index < num_teachers) run inside the op, on the
 concrete values, also under torch.compile. The cross-rank path is eager only:
-under torch.compile with more than one rank it raises (pass sync=False there).
+under torch.compile it is a graph break, an error with fullgraph=True (pass
+sync=False there).
 """
 from __future__ import annotations
 
@@ -309,9 +310,9 @@ def trajectory_scores(
         num_teachers: K; default max(teacher_index) + 1 (over all ranks).
         process_group, sync: see the module doc; by default the threshold is
             taken over every rank's rollouts when torch.distributed is initialised.
-            That cross-rank path runs eagerly only: under torch.compile with
-            more than one rank it raises a RuntimeError (pass sync=False, or
-            call it outside the compiled region).
+            That cross-rank path runs eagerly only: under torch.compile it is
+            a graph break, so torch.compile(fullgraph=True) with more than one
+            rank fails (pass sync=False there, or call it outside the graph).
 
     Returns:
         TrajectoryScores: score [B] = S_i = sum_t m log q / sum_t m, keep [B],
@@ -343,8 +344,7 @@ def trajectory_scores(
             _detach(student_entropy), _detach(teacher_index), num_teachers, p)
     if group is None:
         return TrajectoryScores(*_trajectory_scores_op(*args)) if torch.compiler.is_compiling() else _trajectory_scores_impl(*args, None)
-    _dist.require_eager("trajectory_scores")
-    return _trajectory_scores_impl(*args, group)
+    return _dist.run_eager(_trajectory_scores_impl, *args, group)
 
 
 def _trajectory_filter_impl(score, length, teacher_index, num_teachers, p, group) -> TrajectoryFilter:
@@ -410,8 +410,7 @@ def trajectory_filter(
     args = (score.detach(), length.detach(), _detach(teacher_index), num_teachers, p)
     if group is None:
         return TrajectoryFilter(*_trajectory_filter_op(*args)) if torch.compiler.is_compiling() else _trajectory_filter_impl(*args, None)
-    _dist.require_eager("trajectory_filter")
-    return _trajectory_filter_impl(*args, group)
+    return _dist.run_eager(_trajectory_filter_impl, *args, group)
 
 
 # ---- fire_token_weights -------------------------------------------------------------
@@ -571,8 +570,7 @@ def fire_token_weights(
             _detach(teacher_index), num_teachers, alpha, beta, normalize)
     if group is None:
         return FireWeights(*_fire_token_weights_op(*args)) if torch.compiler.is_compiling() else _fire_token_weights_impl(*args, None)
-    _dist.require_eager("fire_token_weights")
-    return _fire_token_weights_impl(*args, group)
+    return _dist.run_eager(_fire_token_weights_impl, *args, group)
 
 
 # ---- group_advantages ---------------------------------------------------------------
@@ -714,8 +712,7 @@ def group_advantages(
             clip_low, clip_high, bonus, eps)
     if group is None:
         return GroupAdvantages(*_group_advantages_op(*args)) if torch.compiler.is_compiling() else _group_advantages_impl(*args, None)
-    _dist.require_eager("group_advantages")
-    return _group_advantages_impl(*args, group)
+    return _dist.run_eager(_group_advantages_impl, *args, group)
 
 
 def _pool_groups(ids: torch.Tensor, stats: torch.Tensor):
