@@ -383,12 +383,15 @@ def test_device_matches_reference(sdt, tdt, n, v, vt, layout):
     for f in FIELDS_KL:
         assert_close(getattr(got, f), getattr(ref, f), atol=5e-5, rtol=5e-5, what=f)
     w = torch.randn(4, n, dtype=torch.float64, device="cuda")
-    (w[0].float() * got.kl + w[1].float() * got.student_logprob + w[2].float() * got.student_entropy
-     + w[3].float() * got.student_lse).to(torch.float64).sum().backward()
+    wo = w.to(got.kl.dtype)  # upstream grads in the outputs' dtype
+    (wo[0] * got.kl + wo[1] * got.student_logprob + wo[2] * got.student_entropy
+     + wo[3] * got.student_lse).to(torch.float64).sum().backward()
     exact = _ref_grad(s, t, y, w, temperature=0.9)
     low = sdt in (torch.bfloat16, torch.float16)
-    tol = 8e-3 if low else 2e-6 if sdt == torch.float32 else 1e-12
-    assert_close(s_req.grad, exact, atol=tol, rtol=tol, what="grad")
+    # float32: p_j (a lp_j - g_kl lq_j + b) cancels where the bracket is small: a few
+    # 1e-6 absolute (the CPU kernels and float32 PyTorch are no better)
+    atol, rtol = (8e-3, 8e-3) if low else (2e-5, 1e-4) if sdt == torch.float32 else (1e-12, 1e-10)
+    assert_close(s_req.grad, exact, atol=atol, rtol=rtol, what="grad")
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
@@ -411,7 +414,7 @@ def test_device_small_n_split_rows(n, offsets):
     ref = reverse_kl_ref(s.double(), t.double(), y, compute_dtype=torch.float64)
     for f in FIELDS_KL:
         assert_close(getattr(got, f), getattr(ref, f), atol=5e-5, rtol=5e-5, what=f)
-    assert float(got.kl[0]) == math.inf
+    assert float(got.kl[0].detach()) == math.inf
     (got.student_logprob.sum() + got.student_entropy.sum()).backward()
     xr = s.double().requires_grad_()
     r = reverse_kl_ref(xr, t.double(), y, compute_dtype=torch.float64)
@@ -436,7 +439,7 @@ def test_device_non_default_stream():
         assert_close(getattr(got, f), getattr(ref, f), atol=5e-5, rtol=5e-5, what=f)
     exact = _ref_grad(s.detach(), t, y, torch.tensor([[1.0] * n, [0.0] * n, [0.0] * n, [0.0] * n],
                                                      dtype=torch.float64, device="cuda"))
-    assert_close(s.grad, exact, atol=2e-6, rtol=2e-6, what="grad")
+    assert_close(s.grad, exact, atol=2e-6, rtol=3e-5, what="grad")
 
 
 @pytest.mark.cuda
@@ -482,12 +485,14 @@ def test_device_more_than_2_31_elements():
     x = s.requires_grad_()
     got = pyopd.reverse_kl(x, t, y)
     ref = _rowwise_ref(s.detach(), t, y)
+    # float32 sums of 2^27 terms: ~1e-5 relative; a wrong row offset would be off
+    # by whole units (the last row's spike moves its lse from ~19.5 to 25)
     for f in FIELDS_KL:
-        assert_close(getattr(got, f), ref[f], atol=1e-4, rtol=1e-4, what=f)
+        assert_close(getattr(got, f), ref[f], atol=5e-4, rtol=1e-4, what=f)
     got.student_logprob[-1].backward()
     # d logprob_y / d s_j = [j == y] - p_j, for the last row only
     row = s[-1].detach().double()
     expect_last = -torch.softmax(row, 0)
     expect_last[-1] += 1.0
-    assert_close(x.grad[-1, -4096:], expect_last[-4096:], atol=8e-3, rtol=8e-3, what="grad last row")
+    assert_close(x.grad[-1, -4096:], expect_last[-4096:], atol=1e-6, rtol=1e-2, what="grad last row")
     assert bool((x.grad[:-1] == 0).all())
