@@ -329,10 +329,19 @@ def test_trainer_mode_advantage_step_reads_teacher_logprobs(monkeypatch):
     monkeypatch.setattr(tq, "kv_batch_get", kv_batch_get)
     monkeypatch.setattr(tq, "kv_batch_put", kv_batch_put)
     trainer = object.__new__(get_trainer_cls(pv.TRAINER_MODE))
-    trainer.config = OmegaConf.create({"algorithm": {
-        "adv_estimator": "pyopd_fire", "use_kl_in_reward": False, "pyopd": {"alpha": 0.0, "p": 34.0}}})
+    trainer.config = OmegaConf.create({"distillation": {"enabled": True}, "algorithm": {
+        "adv_estimator": "pyopd_fire", "use_kl_in_reward": False, "pyopd": {"alpha": 0.0, "p": 34.0},
+        "rollout_correction": {"rollout_is": None, "rollout_rs": "token", "bypass_mode": False}}})
     batch = KVBatchMeta(keys=[f"k{i}" for i in range(len(resp))], tags=[{}] * len(resp), partition_id="train")
     metrics: dict = {}
+    # settings whose effect the pyopd step would drop are refused, by name
+    with pytest.raises(ValueError, match="rollout_correction.rollout_rs"):
+        trainer._compute_advantage(batch, metrics)
+    trainer.config.algorithm.rollout_correction.rollout_rs = None
+    trainer.config.distillation.enabled = False
+    with pytest.raises(ValueError, match="distillation.enabled"):
+        trainer._compute_advantage(batch, metrics)
+    trainer.config.distillation.enabled = True
     assert trainer._compute_advantage(batch, metrics) == "batch-after-put"
 
     # expected, by hand: the teacher's response slice as verl's distillation loss takes it

@@ -371,6 +371,23 @@ def trainer_unavailable_reason() -> Optional[str]:
     return _TRAINER_UNAVAILABLE
 
 
+def _check_trainer_config(method: str, config: Any) -> None:
+    """Refuse verl settings whose effect the pyopd advantage step would silently drop."""
+    dist = config.get("distillation", None)
+    if dist is None or not dist.get("enabled", False):
+        raise ValueError(f"{method} needs the teacher's log-probs: set distillation.enabled=True (verl's teacher path)")
+    algo = config.algorithm
+    if algo.get("use_kl_in_reward", False):
+        raise ValueError(f"{method}: algorithm.use_kl_in_reward must be False (the teacher is the reward)")
+    rc = algo.get("rollout_correction", None) or {}
+    for key in ("rollout_is", "rollout_rs"):
+        if rc.get(key, None) is not None:
+            raise ValueError(f"{method} applies no rollout correction: set algorithm.rollout_correction.{key}=null")
+    if method == "pyopd_fire" and rc.get("bypass_mode", False):
+        raise ValueError("pyopd_fire needs the student entropy of the old-log-prob pass, which "
+                         "algorithm.rollout_correction.bypass_mode=True skips")
+
+
 def _register_trainer() -> Optional[str]:
     try:
         import transfer_queue as tq
@@ -402,10 +419,11 @@ def _register_trainer() -> Optional[str]:
             if method not in METHODS:
                 return super()._compute_advantage(batch, metrics)
             algo = self.config.algorithm
-            if algo.get("use_kl_in_reward", False):
-                raise ValueError(f"{method}: algorithm.use_kl_in_reward must be False (the teacher is the reward)")
+            _check_trainer_config(method, self.config)
             field = options(algo)["teacher_entropy_field"]
-            fields = ["uid", "response_mask", "old_log_probs", "entropy", "teacher_logprobs"]
+            fields = ["uid", "response_mask", "old_log_probs", "teacher_logprobs"]
+            if method == "pyopd_fire":
+                fields.append("entropy")
             if field is not None:
                 fields.append(field)
             data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
