@@ -429,7 +429,10 @@ def _register_trainer() -> Optional[str]:
             data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
             response_mask = data["response_mask"]
             # teacher_logprobs covers prompt + response, [1] per position in verl's estimator
-            # mode; slice the response the way verl's distillation loss does.
+            # mode, position i holding the log-prob of token i + 1 (verl 0.9.1's
+            # vllm_rollout/utils.py extract_prompt_logprobs drops vLLM's leading None and pads
+            # the end), i.e. aligned like model outputs: slice the response the way verl's
+            # distillation loss does (workers/utils/padding.py no_padding_2_padding).
             teacher = data.pop("teacher_logprobs")
             if teacher.dim() == 3 and teacher.shape[-1] != 1:
                 raise ValueError(
