@@ -4,9 +4,11 @@
 // forward and backward work, and the walk that splits a row among threads.
 //
 // Everything here is __host__ __device__ and free of thread indices and
-// shuffles, so the same code can be exercised on the host by a harness that
-// plays the threads of a row one after another. The kernel file adds the
-// thread mapping, the warp/block reductions and the launches.
+// shuffles, so the same code runs on the host in tests/cuda_host/emulate.cu,
+// which plays the threads of a row one after another (tests/test_cuda.py
+// checks it against the float64 reference on machines without a GPU). The
+// kernel file adds the thread mapping, the warp/block reductions, the split
+// of long rows over blocks and the launches.
 //
 // The math is that of csrc/cpu/vocab_stats_impl.h (see vocab_stats.h):
 //   x_j = s_j / T, y_j = t_j / T; per distribution the running max m,
@@ -813,9 +815,11 @@ PYOPD_HD void bwd_walk(const S* srow, const T* trow, G* grow, int n, const BwdCo
   if constexpr (kTeacher) ob_t = head >= 0 ? chunk_offset<K>(trow + head) : -1;
   BwdRow<S, T, G> op{srow, trow, grow, ob_s, ob_t, c};
   // Two chunks per step in flight, except where the teacher or gradient is
-  // wider than the student (32-byte chunks): those spill registers at the
-  // 64-register budget with two.
-  constexpr bool kWide = sizeof(G) > sizeof(S) || (kTeacher && sizeof(T) > sizeof(S));
+  // wider than the student (32-byte chunks), or a float16 student is read with
+  // a teacher (its conversions): those spill registers at the 64-register
+  // budget with two (ptxas -v, sm_80 / sm_90).
+  constexpr bool kWide = sizeof(G) > sizeof(S) || (kTeacher && sizeof(T) > sizeof(S)) ||
+                         (kTeacher && std::is_same<S, __half>::value);
   walk_row<K, kWide ? 1 : 2, TPR>(op, n, head, head >= 0 && ob_s >= 0 && ob_t >= 0, tid);
 }
 
