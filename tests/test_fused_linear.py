@@ -386,6 +386,25 @@ def test_backward_in_vocabulary_blocks_matches_reference(block, with_tokens):
         assert_close(a, e, atol=1e-11, rtol=1e-9, what=name)
 
 
+@pytest.mark.parametrize("min_block", [1, 10])
+def test_automatic_vocabulary_blocks_through_autograd(min_block, monkeypatch):
+    """With MIN_VOCAB_BLOCK lowered, the public op's backward takes blocks of 7 (or 10) ids."""
+    monkeypatch.setattr(fused_linear, "MIN_VOCAB_BLOCK", min_block)
+    n, h, v, ht, vt, chunk = 23, 5, 41, 6, 45, 4
+    s_h, s_w, s_b, t_h, t_w, t_b, y = _case((n,), h, v, ht, vt, bias=True, seed=42)
+    mask = _mask((n,), "some")
+    count = int(mask.sum())
+    assert fused_linear._vocab_block(v, h, count, chunk, False) == max(chunk * v // count, min_block)
+    w = _randn(4, n, seed=43)
+    kw = dict(temperature=1.3, teacher_bias=t_b)
+    got = _weighted_grads(lambda a, b, c: pyopd.fused_linear_reverse_kl(
+        a, b, t_h, t_w, y, mask, student_bias=c, chunk_size=chunk, **kw), (s_h, s_w, s_b), w)
+    ref = _weighted_grads(lambda a, b, c: fused_linear_reverse_kl_ref(
+        a, b, t_h, t_w, y, mask, student_bias=c, compute_dtype=F64, **kw), (s_h, s_w, s_b), w)
+    for name, a, e in zip(("grad_hidden", "grad_weight", "grad_bias"), got, ref):
+        assert_close(a, e, atol=1e-11, rtol=1e-9, what=name)
+
+
 def test_backward_without_kl_skips_the_teacher():
     """Only entropy / log-prob upstream grads: the teacher's logits are not recomputed."""
     n, h, v, ht, vt = 10, 4, 20, 5, 23
