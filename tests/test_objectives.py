@@ -202,15 +202,25 @@ def test_fused_linear_path_equals_the_logits_path(prepared, task, tmp_path, loss
     """By default the trainer scores and differentiates from hidden states + lm_head weight
     (no [tokens, vocab] logits); the result equals the materialised-logits path."""
     runs = {}
-    for fused in (True, False):
+    for fused in ("on", "off"):
         tr = _trainer(prepared, task, tmp_path / f"{loss}-{fused}", loss=loss, steps=1, save_every=0,
                       fused_linear=fused, dual_clip=3.0 if loss == "copsd" else None)
         hist = tr.train()
         runs[fused] = (hist[-1], [p.detach().clone() for p in tr.student.parameters()])
-    (m1, p1), (m0, p0) = runs[True], runs[False]
+    (m1, p1), (m0, p0) = runs["on"], runs["off"]
     assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-4, abs=1e-6)
     for a, b in zip(p1, p0):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_auto_threshold(prepared):
+    from pyopd.trainers.rollout import FUSED_AUTO_BYTES, wants_fused
+
+    m = prepared.load_student()
+    v = m.get_output_embeddings().weight.shape[0]
+    rows = FUSED_AUTO_BYTES // (4 * v * 8) + 1  # just over the threshold at r = 8
+    assert wants_fused("auto", rows, 8, m) and not wants_fused("auto", 1, 8, m)
+    assert wants_fused("on", 1, 1, m) and not wants_fused("off", 10**6, 10**3, m)
 
 
 def test_linear_head_probe(prepared):

@@ -63,6 +63,7 @@ from pyopd.trainers.rollout import (
     response_logits,
     sample_rollouts,
     score,
+    wants_fused,
 )
 
 __all__ = ["NonFiniteError", "OPDConfig", "OPDTrainer", "PromptBatch", "objective_names"]
@@ -259,7 +260,8 @@ class OPDTrainer:
             for micro, denom in zip(micros, obj.denominators(signals, micros)):
                 inputs = layout([ro.prompt_ids[i] for i in micro.tolist()], ro.response[micro],
                                 ro.mask[micro], pad)
-                head = linear_head(self.student, inputs, self.log) if cfg.fused_linear else None
+                head = linear_head(self.student, inputs, self.log) \
+                    if wants_fused(cfg.fused_linear, micro.numel(), r, self.student) else None
                 out = dict(hidden=response_hidden(self.student, inputs, r), head=head, logits=None,
                            teacher_parts_fn=(lambda micro=micro: self._teacher_parts(sc, micro, r))
                            if obj.needs_teacher_logits else None) \

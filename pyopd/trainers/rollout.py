@@ -151,6 +151,22 @@ def linear_head(model, inputs: Optional[ModelInputs] = None, log=None) -> Option
     return found
 
 
+FUSED_AUTO_BYTES = 256 << 20  # 'auto': fuse when a micro-batch's float32 logits would exceed this
+
+
+def wants_fused(mode, rows: int, r: int, model) -> bool:
+    """Whether to use the fused-linear path for ``rows`` x ``r`` tokens of ``model`` (mode on/off/auto).
+
+    ``True``/``False`` are accepted as on/off.
+    """
+    if mode in (True, "on"):
+        return True
+    if mode in (False, "off"):
+        return False
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return rows * r * vocab * 4 > FUSED_AUTO_BYTES
+
+
 def response_hidden(model, inputs: ModelInputs, r: int) -> torch.Tensor:
     """Last hidden states [b, R, H] at the positions that predict the response tokens."""
     out = model.base_model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
@@ -168,11 +184,12 @@ def response_logits(model, inputs: ModelInputs, r: int) -> torch.Tensor:
 @torch.no_grad()
 def score(model, prompt_ids: Sequence[Sequence[int]], rollouts: Rollouts, pad_id: int,
           rows: Optional[torch.Tensor] = None, micro_batch: int = 16,
-          temperature: float = 1.0, fused: bool = True, log=None) -> Scores:
+          temperature: float = 1.0, fused="auto", log=None) -> Scores:
     """Per-token log-prob and entropy of ``model`` on the rollout tokens (rows subset optional).
 
-    ``fused``: through the fused linear op from the hidden states when the model's
-    head is a plain linear map (`linear_head`), so no [tokens, vocab] logits exist.
+    ``fused`` ("on", "off", "auto": see `wants_fused`): through the fused linear op from
+    the hidden states when the model's head is a plain linear map (`linear_head`), so
+    no [tokens, vocab] logits exist.
     """
     idx = torch.arange(rollouts.size) if rows is None else rows
     r = rollouts.response.shape[1]
@@ -183,7 +200,7 @@ def score(model, prompt_ids: Sequence[Sequence[int]], rollouts: Rollouts, pad_id
     for chunk in idx.split(micro_batch):
         resp, m = rollouts.response[chunk], rollouts.mask[chunk]
         inputs = layout([prompt_ids[i] for i in chunk.tolist()], resp, m, pad_id)
-        head = linear_head(model, inputs, log) if fused else None
+        head = linear_head(model, inputs, log) if wants_fused(fused, len(chunk), r, model) else None
         if head is not None:
             st = pyopd.fused_linear_token_stats(response_hidden(model, inputs, r), head.weight, resp, mask=m,
                                                 temperature=temperature, bias=head.bias)
