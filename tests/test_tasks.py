@@ -369,3 +369,19 @@ def test_concurrent_prepare_builds_once(tmp_path: Path) -> None:
     assert not errors
     assert sorted(r.built for r in results) == [False, True]
     assert prep.verify_entry(results[0].root) is None
+
+
+def test_prepare_only_the_models_a_setting_uses(tmp_path):
+    from pyopd.tasks.prepare import prepare_models, recipe_key
+
+    p = prepare_models(scale="tiny", cache_dir=tmp_path, seed=0, log=None, models=("mixed",))
+    assert sorted(p.teacher_dirs) == ["mixed"] and p.student_dir.is_dir()
+    full = prepare_models(scale="tiny", cache_dir=tmp_path, seed=0, log=None)
+    assert sorted(full.teacher_dirs) == ["arith", "mixed", "strings"]
+    assert recipe_key("tiny", 0) == recipe_key("tiny", 0, None) != recipe_key("tiny", 0, ("mixed",))
+    # a model's training does not depend on which others were prepared with it
+    a = (p.student_dir / "model.safetensors").read_bytes()
+    b = (full.student_dir / "model.safetensors").read_bytes()
+    assert a == b
+    with pytest.raises(KeyError, match="no models"):
+        prepare_models(scale="tiny", cache_dir=tmp_path, seed=0, log=None, models=("nobody",))

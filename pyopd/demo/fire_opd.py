@@ -105,18 +105,19 @@ def run_demo(cfg: OPDConfig, losses=("opd", "fire"), scale: str = "demo", out: P
     from pyopd.tasks.prepare import prepare_models
 
     t_start = time.time()
-    # One thread while preparing: two cores shared with anything else thrash otherwise.
-    prepared = prepare_models(scale=scale, cache_dir=cache_dir, seed=0, log=log, num_threads=1)
-    t_prep = time.time() - t_start
-    tok = prepared.load_tokenizer()
     task, examples = eval_examples()
-    evaluate = make_evaluator(task, tok, examples, default_max_new_tokens())  # fixed by the task
     if multi_teacher:
         teacher_names = task.families
         teacher_for = lambda e: e.family  # noqa: E731
     else:
         teacher_names = ["mixed"]
         teacher_for = lambda e: "mixed"  # noqa: E731
+    # Only the models this setting uses; one thread while preparing (two shared cores thrash).
+    prepared = prepare_models(scale=scale, cache_dir=cache_dir, seed=0, log=log, num_threads=1,
+                              models=tuple(teacher_names))
+    t_prep = time.time() - t_start
+    tok = prepared.load_tokenizer()
+    evaluate = make_evaluator(task, tok, examples, default_max_new_tokens())  # fixed by the task
     teachers = {n: prepared.load_teacher(n) for n in teacher_names}
     base = cfg
     log(f"[pyopd] demo: {scale} models ({'multi-teacher ' + '+'.join(teacher_names) if multi_teacher else 'teacher mixed'}), "

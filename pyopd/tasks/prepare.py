@@ -17,7 +17,8 @@ import shutil
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Optional
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -122,16 +123,28 @@ def default_cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pyopd"
 
 
-def recipe_key(scale: str, seed: int) -> str:
-    """sha256 of everything that determines the prepared models."""
+def _selected(scale: str, models: Optional[Sequence[str]]) -> tuple:
+    """The recipes of ``scale`` named in ``models`` (None: all); the student always."""
+    every = SCALES[scale].models
+    if models is None:
+        return every
+    unknown = sorted(set(models) - {m.name for m in every})
+    if unknown:
+        raise KeyError(f"scale {scale!r} has no models {unknown}; it has {[m.name for m in every]}")
+    return tuple(m for m in every if m.name == "student" or m.name in models)
+
+
+def recipe_key(scale: str, seed: int, models: Optional[Sequence[str]] = None) -> str:
+    """sha256 of everything that determines the prepared models (of the subset ``models``)."""
+    chosen = _selected(scale, models)
     recipe = {
         "version": RECIPE_VERSION,
         "scale": scale,
         "seed": seed,
-        "models": [asdict(m) for m in SCALES[scale].models],
+        "models": [asdict(m) for m in chosen],
         "eval_n": SCALES[scale].eval_n,
         "eval_tasks": list(SCALES[scale].eval_tasks),
-        "tasks": {m.name: m.make_task().config() for m in SCALES[scale].models},
+        "tasks": {m.name: m.make_task().config() for m in chosen},
         "vocab": sorted(VOCAB.items(), key=lambda kv: kv[1]),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()
@@ -186,6 +199,7 @@ def prepare_models(
     rebuild: bool = False,
     log: Log | None = print,
     num_threads: int | None = None,
+    models: Optional[Sequence[str]] = None,
 ) -> Prepared:
     """Return the cached student/teachers for (``scale``, ``seed``), training them first if needed.
 
@@ -193,13 +207,17 @@ def prepare_models(
     (``rebuild=True`` forces it).  Safe to call from several processes at once.
     ``num_threads`` sets torch's intra-op threads while building (restored
     after); on a busy machine 1 thread can be much faster than oversubscribing.
+    ``models``: prepare only these teachers (and the student), e.g. ``("mixed",)``
+    for the single-teacher demo: a model training never done that a run does not use.
+    Each model's training depends only on (scale, seed, its recipe), so a model
+    is the same whichever subset it was prepared with.
     """
     if scale not in SCALES:
         raise KeyError(f"unknown scale {scale!r}; known: {sorted(SCALES)}")
     say: Log = log or (lambda _msg: None)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    key = recipe_key(scale, seed)
+    key = recipe_key(scale, seed, models)
     final = root / f"tasks-{scale}-seed{seed}-{key[:16]}"
     with _lock(root / f".{final.name}.lock"):
         reason = "rebuild requested" if rebuild else verify_entry(final, key)
@@ -213,7 +231,7 @@ def prepare_models(
         try:
             if num_threads is not None:
                 torch.set_num_threads(num_threads)
-            _build(tmp, scale, seed, key, say)
+            _build(tmp, scale, seed, key, say, _selected(scale, models))
             _install(tmp, final, key, replace_valid=rebuild)
         finally:
             torch.set_num_threads(threads)
@@ -224,8 +242,9 @@ def prepare_models(
 # ---------------------------------------------------------------- building
 
 
-def _build(out: Path, scale: str, seed: int, key: str, say: Log) -> None:
-    """Train every model of ``scale`` and write the entry (manifest last) into ``out``."""
+def _build(out: Path, scale: str, seed: int, key: str, say: Log, recipes: Optional[tuple] = None) -> None:
+    """Train the models of ``scale`` (``recipes``: a subset) and write the entry (manifest last) into ``out``."""
+    recipes = SCALES[scale].models if recipes is None else recipes
     t_start = time.perf_counter()
     out.mkdir(parents=True)
     tokenizer = build_tokenizer()
@@ -234,7 +253,7 @@ def _build(out: Path, scale: str, seed: int, key: str, say: Log) -> None:
     evals = {name: task.eval_set(SCALES[scale].eval_n // len(families)) for name, task in families.items()}
     held_out = [e.prompt for ev in evals.values() for e in ev]
     metrics: dict[str, dict] = {}
-    for recipe in SCALES[scale].models:
+    for recipe in recipes:
         t0 = time.perf_counter()
         model_seed = zlib.crc32(f"{seed}/{recipe.name}".encode())
         model = build_model(recipe.spec, tokenizer, seed=model_seed)
@@ -260,7 +279,7 @@ def _build(out: Path, scale: str, seed: int, key: str, say: Log) -> None:
     files = {str(p.relative_to(out).as_posix()): _file_info(p) for p in sorted(out.rglob("*")) if p.is_file()}
     manifest = {
         "version": RECIPE_VERSION, "key": key, "scale": scale, "seed": seed,
-        "models": [r.name for r in SCALES[scale].models], "metrics": metrics,
+        "models": [r.name for r in recipes], "metrics": metrics,
         "build_s": round(time.perf_counter() - t_start, 2), "torch": torch.__version__,
         "transformers": transformers.__version__, "files": files,
     }
