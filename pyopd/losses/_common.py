@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from pyopd import _checks
 from pyopd.config import AGG_MODES, PRESETS  # noqa: F401  (one home for the choices)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -14,51 +15,24 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ---- argument checks ----------------------------------------------------------------
 
 
+# The argument checks are pyopd's one set (pyopd._checks), shared with the ops.
+
+
 def check_2d(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must have shape (batch, seqlen), got {tuple(x.shape)}")
+    _checks.floating_2d(name, x)
 
 
 def check_like(name: str, x, like: torch.Tensor, like_name: str, *, floating: bool = True) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if floating and x.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.shape != like.shape:
-        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(x.shape)}")
-    if x.device != like.device:
-        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
+    _checks.like(name, x, like, like_name, floating=floating)
 
 
 def check_rows(name: str, x, B: int, device: torch.device, *, kind: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if kind == "bool" and x.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
-    if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
-    if x.dim() != 1 or x.shape[0] != B:
-        raise ValueError(f"{name} must have shape ({B},) (one entry per rollout), got {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but logprob is on {device}")
+    _checks.per_row(name, x, B, device, kind=kind, what="logprob")
 
 
 def check_number(name: str, v, *, lo: Optional[float] = None, lo_open: bool = False,
                  hi: Optional[float] = None, hi_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
-    if hi is not None and (v >= hi if hi_open else v > hi):
-        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v}")
-    return v
+    return _checks.number(name, v, lo=lo, lo_open=lo_open, hi=hi, hi_open=hi_open)
 
 
 def check_preset(preset) -> str:
