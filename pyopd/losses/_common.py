@@ -9,7 +9,6 @@ import torch
 from pyopd import _checks
 from pyopd.config import AGG_MODES, PRESETS  # noqa: F401  (one home for the choices)
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---- argument checks ----------------------------------------------------------------
