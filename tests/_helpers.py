@@ -34,3 +34,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
             f"(atol={atol}, rtol={rtol}); max err {err.max().item():.3e}, "
             f"mean err {err[err.isfinite()].mean().item():.3e}; first at {idx}: "
             f"got {a[idx].item()!r}, expected {e[idx].item()!r}")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """Environment for a child `python -c ...` that imports the same pyopd as this process.
+
+    Run the child with cwd outside the checkout: its `pyopd/` would shadow an
+    installed build (it holds no compiled module in a fresh clone).
+    """
+    import os
+    from pathlib import Path
+
+    import pyopd
+
+    where = str(Path(pyopd.__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": where + (os.pathsep + path if path else ""), **extra}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 
@@ -162,12 +161,14 @@ def test_demo_rerun_into_existing_out_is_refused(tmp_path, capsys):
     assert rc == 2
 
 
-def test_help_does_not_import_torch():
+def test_help_does_not_import_torch(tmp_path):
     code = ("import sys; from pyopd import cli\n"
             "try:\n    cli.main(['fire-opd', '-h'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'help imported torch'\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parents[1])
+    from _helpers import subprocess_env
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env=subprocess_env())
     assert r.returncode == 0, r.stderr
     assert "--percentile" in r.stdout and "default 20" in r.stdout and "demo 0.0003" in r.stdout
 

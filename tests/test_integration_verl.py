@@ -81,15 +81,17 @@ def test_registered_in_verls_registries():
 
 def test_import_through_verl_external_modules_env(tmp_path):
     """VERL_USE_EXTERNAL_MODULES (read by `import verl` in every process) registers the plug-in."""
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="pyopd.integrations.verl")
+    from _helpers import subprocess_env
+
+    env = subprocess_env(VERL_USE_EXTERNAL_MODULES="pyopd.integrations.verl")
     code = ("import verl\nfrom verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as P, "
             "ADV_ESTIMATOR_REGISTRY as A\nprint(sorted(k for k in P if k.startswith('pyopd')), "
             "sorted(k for k in A if k.startswith('pyopd')))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     want = sorted(pv.METHODS)
     assert out.stdout.strip() == f"{want} {want}"
