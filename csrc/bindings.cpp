@@ -40,9 +40,8 @@ void check_dtype(DType d, const char* field) {
   require(v >= 0 && v <= 3, std::string(field) + ": unknown dtype tag " + std::to_string(v));
 }
 
-// Checks shared by forward and backward; `P` is either params struct.
-template <typename P>
-void check_common(const P& p) {
+// Checks of the inputs, shared by forward and backward.
+void check_common(const VocabStatsInputs& p) {
   require(p.n_rows > 0, "n_rows must be > 0");
   require(p.vocab > 0, "vocab must be > 0");
   require(p.student != nullptr, "student must not be null");
@@ -126,13 +125,15 @@ void on_device(int device, Cpu&& cpu, Cuda&& cuda) {
   raise_if(err);
 }
 
-// ---- signals bindings (trajectory_scores, fire_token_weights, group_advantages)
-// Defined here rather than with PYOPD_CUDA_CALL below, which this block precedes.
+// The one way a binding reaches a CUDA launcher: a callable that returns its error
+// message, or (CPU-only build) nothing to call.
 #ifdef PYOPD_WITH_CUDA
-#define PYOPD_SIGNALS_CUDA(expr) [&]() -> const char* { return expr; }
+#define PYOPD_CUDA_CALL(expr) [&]() -> const char* { return expr; }
 #else
-#define PYOPD_SIGNALS_CUDA(expr) []() -> const char* { return nullptr; }
+#define PYOPD_CUDA_CALL(expr) []() -> const char* { return nullptr; }
 #endif
+
+// ---- signals bindings (trajectory_scores, fire_token_weights, group_advantages)
 
 void check_float_dtype(DType d, const char* field) {
   check_dtype(d, field);
@@ -273,7 +274,7 @@ void bind_signals(py::module_& m) {
         (void)stream;
         on_device(
             device, [&]() { return trajectory_stats_cpu(p); },
-            PYOPD_SIGNALS_CUDA(trajectory_stats_cuda(p, device, reinterpret_cast<void*>(stream))));
+            PYOPD_CUDA_CALL(trajectory_stats_cuda(p, device, reinterpret_cast<void*>(stream))));
       },
       py::arg("params"), py::arg("device") = -1, py::arg("stream") = 0,
       "Per-row masked means / entropy maxima of [B, T] signals. device < 0 is the CPU.");
@@ -284,7 +285,7 @@ void bind_signals(py::module_& m) {
         (void)stream;
         on_device(
             device, [&]() { return fire_weights_cpu(p); },
-            PYOPD_SIGNALS_CUDA(fire_weights_cuda(p, device, reinterpret_cast<void*>(stream))));
+            PYOPD_CUDA_CALL(fire_weights_cuda(p, device, reinterpret_cast<void*>(stream))));
       },
       py::arg("params"), py::arg("device") = -1, py::arg("stream") = 0,
       "FiRe-OPD token weights (optionally mean-1 per row). device < 0 is the CPU.");
@@ -295,7 +296,7 @@ void bind_signals(py::module_& m) {
         (void)stream;
         on_device(
             device, [&]() { return group_reward_moments_cpu(p); },
-            PYOPD_SIGNALS_CUDA(
+            PYOPD_CUDA_CALL(
                 group_reward_moments_cuda(p, device, reinterpret_cast<void*>(stream))));
       },
       py::arg("params"), py::arg("device") = -1, py::arg("stream") = 0,
@@ -307,22 +308,15 @@ void bind_signals(py::module_& m) {
         (void)stream;
         on_device(
             device, [&]() { return group_advantages_apply_cpu(p); },
-            PYOPD_SIGNALS_CUDA(
+            PYOPD_CUDA_CALL(
                 group_advantages_apply_cuda(p, device, reinterpret_cast<void*>(stream))));
       },
       py::arg("params"), py::arg("device") = -1, py::arg("stream") = 0,
       "COPSD pass 2: (r - group mean) / (group std + eps). device < 0 is the CPU.");
 }
-#undef PYOPD_SIGNALS_CUDA
 // ---- end signals bindings
 
 }  // namespace
-
-#ifdef PYOPD_WITH_CUDA
-#define PYOPD_CUDA_CALL(expr) [&]() -> const char* { return expr; }
-#else
-#define PYOPD_CUDA_CALL(expr) []() -> const char* { return nullptr; }
-#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyopd kernels (framework-free; see pyopd.ops for the torch API)";
@@ -378,19 +372,22 @@ PYBIND11_MODULE(_C, m) {
       .value("float16", DType::kFloat16)
       .value("float64", DType::kFloat64);
 
-  auto fwd = py::class_<VocabStatsFwdParams>(m, "VocabStatsFwdParams").def(py::init<>());
-  PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, student);
-  fwd.def_readwrite("student_dtype", &VocabStatsFwdParams::student_dtype)
-      .def_readwrite("student_row_stride", &VocabStatsFwdParams::student_row_stride);
-  PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, teacher);
-  fwd.def_readwrite("teacher_dtype", &VocabStatsFwdParams::teacher_dtype)
-      .def_readwrite("teacher_row_stride", &VocabStatsFwdParams::teacher_row_stride);
-  PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, tokens);
-  PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, mask);
-  fwd.def_readwrite("n_rows", &VocabStatsFwdParams::n_rows)
-      .def_readwrite("vocab", &VocabStatsFwdParams::vocab)
-      .def_readwrite("teacher_vocab", &VocabStatsFwdParams::teacher_vocab)
-      .def_readwrite("inv_temperature", &VocabStatsFwdParams::inv_temperature);
+  // The inputs, shared by both passes, are fields of the base class.
+  auto in = py::class_<VocabStatsInputs>(m, "VocabStatsInputs");
+  PYOPD_PTR_FIELD(in, VocabStatsInputs, student);
+  in.def_readwrite("student_dtype", &VocabStatsInputs::student_dtype)
+      .def_readwrite("student_row_stride", &VocabStatsInputs::student_row_stride);
+  PYOPD_PTR_FIELD(in, VocabStatsInputs, teacher);
+  in.def_readwrite("teacher_dtype", &VocabStatsInputs::teacher_dtype)
+      .def_readwrite("teacher_row_stride", &VocabStatsInputs::teacher_row_stride);
+  PYOPD_PTR_FIELD(in, VocabStatsInputs, tokens);
+  PYOPD_PTR_FIELD(in, VocabStatsInputs, mask);
+  in.def_readwrite("n_rows", &VocabStatsInputs::n_rows)
+      .def_readwrite("vocab", &VocabStatsInputs::vocab)
+      .def_readwrite("teacher_vocab", &VocabStatsInputs::teacher_vocab)
+      .def_readwrite("inv_temperature", &VocabStatsInputs::inv_temperature);
+
+  auto fwd = py::class_<VocabStatsFwdParams, VocabStatsInputs>(m, "VocabStatsFwdParams").def(py::init<>());
   PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, kl);
   PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, student_entropy);
   PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, teacher_entropy);
@@ -400,19 +397,7 @@ PYBIND11_MODULE(_C, m) {
   PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, teacher_lse);
   PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, stats);
 
-  auto bwd = py::class_<VocabStatsBwdParams>(m, "VocabStatsBwdParams").def(py::init<>());
-  PYOPD_PTR_FIELD(bwd, VocabStatsBwdParams, student);
-  bwd.def_readwrite("student_dtype", &VocabStatsBwdParams::student_dtype)
-      .def_readwrite("student_row_stride", &VocabStatsBwdParams::student_row_stride);
-  PYOPD_PTR_FIELD(bwd, VocabStatsBwdParams, teacher);
-  bwd.def_readwrite("teacher_dtype", &VocabStatsBwdParams::teacher_dtype)
-      .def_readwrite("teacher_row_stride", &VocabStatsBwdParams::teacher_row_stride);
-  PYOPD_PTR_FIELD(bwd, VocabStatsBwdParams, tokens);
-  PYOPD_PTR_FIELD(bwd, VocabStatsBwdParams, mask);
-  bwd.def_readwrite("n_rows", &VocabStatsBwdParams::n_rows)
-      .def_readwrite("vocab", &VocabStatsBwdParams::vocab)
-      .def_readwrite("teacher_vocab", &VocabStatsBwdParams::teacher_vocab)
-      .def_readwrite("inv_temperature", &VocabStatsBwdParams::inv_temperature);
+  auto bwd = py::class_<VocabStatsBwdParams, VocabStatsInputs>(m, "VocabStatsBwdParams").def(py::init<>());
   PYOPD_PTR_FIELD(bwd, VocabStatsBwdParams, stats);
   PYOPD_PTR_FIELD(bwd, VocabStatsBwdParams, kl);
   PYOPD_PTR_FIELD(bwd, VocabStatsBwdParams, student_entropy);

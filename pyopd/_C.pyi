@@ -12,8 +12,9 @@ class DType(IntEnum):
     float16 = 2
     float64 = 3
 
-class VocabStatsFwdParams:
-    def __init__(self) -> None: ...
+class VocabStatsInputs:
+    """The inputs of both passes (base of the forward and backward params)."""
+
     student: int
     student_dtype: DType
     student_row_stride: int
@@ -26,6 +27,9 @@ class VocabStatsFwdParams:
     vocab: int
     teacher_vocab: int
     inv_temperature: float
+
+class VocabStatsFwdParams(VocabStatsInputs):
+    def __init__(self) -> None: ...
     kl: int
     student_entropy: int
     teacher_entropy: int
@@ -35,20 +39,8 @@ class VocabStatsFwdParams:
     teacher_lse: int
     stats: int
 
-class VocabStatsBwdParams:
+class VocabStatsBwdParams(VocabStatsInputs):
     def __init__(self) -> None: ...
-    student: int
-    student_dtype: DType
-    student_row_stride: int
-    teacher: int
-    teacher_dtype: DType
-    teacher_row_stride: int
-    tokens: int
-    mask: int
-    n_rows: int
-    vocab: int
-    teacher_vocab: int
-    inv_temperature: float
     stats: int
     kl: int
     student_entropy: int

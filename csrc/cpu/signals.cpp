@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "pyopd/signals.h"
+#include "pyopd/dispatch.h"
 
 namespace pyopd {
 namespace {
@@ -284,17 +285,10 @@ const char* group_advantages_apply_impl(const GroupAdvParams& p) {
   return nullptr;
 }
 
-// float32 / float64 dispatch; the bindings have already rejected other tags.
+// float32 / float64 dispatch (pyopd/dispatch.h); the bindings have already rejected other tags.
 template <template <typename> class Fn, typename P>
 const char* dispatch_float(const P& p) {
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return Fn<float>::run(p);
-    case DType::kFloat64:
-      return Fn<double>::run(p);
-    default:
-      return "signals: dtype must be float32 or float64";
-  }
+  return with_float_dtype(p.dtype, [&](auto t) { return Fn<typename decltype(t)::type>::run(p); });
 }
 
 template <typename T>

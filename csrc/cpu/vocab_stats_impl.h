@@ -27,6 +27,7 @@
 
 #include "float_convert.h"
 #include "pyopd/vocab_stats.h"
+#include "pyopd/dispatch.h"
 
 namespace pyopd {
 namespace PYOPD_CPU_NS {
@@ -515,17 +516,10 @@ void bwd_rows(const VocabStatsBwdParams& p) {
 
 // ---- dtype dispatch ---------------------------------------------------------
 
-template <typename T> struct Tag { using type = T; };
-
+// pyopd/dispatch.h with this backend's 16-bit storage types.
 template <typename F>
 static inline const char* with_dtype(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kBFloat16: return f(Tag<bf16_t>{});
-    case DType::kFloat16: return f(Tag<fp16_t>{});
-    case DType::kFloat64: return f(Tag<double>{});
-  }
-  return "unknown dtype";
+  return pyopd::with_dtype<bf16_t, fp16_t>(d, static_cast<F&&>(f));
 }
 
 template <typename A, typename B>

@@ -9,6 +9,10 @@
 #include <cstdint>
 
 #include "pyopd/signals.h"
+#include "device_guard.cuh"
+#include "pyopd/dispatch.h"
+
+#include <type_traits>
 
 namespace pyopd {
 namespace {
@@ -260,25 +264,6 @@ __global__ void __launch_bounds__(kThreads) group_advantages_apply_kernel(GroupA
 
 // ---- launch helpers ----------------------------------------------------------------
 
-// Makes `device` current for the launch and restores the caller's device.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    if (cudaGetDevice(&prev_) != cudaSuccess) prev_ = -1;
-    if (prev_ != device) err_ = cudaSetDevice(device);
-  }
-  cudaError_t error() const { return err_; }
-  ~DeviceGuard() {
-    int cur = -1;
-    if (prev_ >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = -1;
-  cudaError_t err_ = cudaSuccess;
-};
 
 const char* launch_status() {
   const cudaError_t err = cudaGetLastError();
@@ -291,24 +276,16 @@ template <typename P, typename LaunchF, typename LaunchD>
 const char* launch_rows(const P& p, int device, void* stream, LaunchF&& launch_f, LaunchD&& launch_d) {
   if (p.rows == 0) return nullptr;
   if (p.rows > kMaxGrid) return "signals: too many rows for one CUDA launch";
-  DeviceGuard guard(device);
-  if (guard.error() != cudaSuccess) {
-    cudaGetLastError();  // do not leave the failed cudaSetDevice as the last error
-    return cudaGetErrorString(guard.error());
-  }
+  DeviceScope guard(device);
+  if (guard.error != nullptr) return guard.error;
   const dim3 grid(static_cast<unsigned>(p.rows));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat32:
-      launch_f(grid, s);
-      break;
-    case DType::kFloat64:
-      launch_d(grid, s);
-      break;
-    default:
-      return "signals: dtype must be float32 or float64";
-  }
-  return launch_status();
+  const char* err = with_float_dtype(p.dtype, [&](auto t) -> const char* {
+    if constexpr (std::is_same_v<typename decltype(t)::type, float>) launch_f(grid, s);
+    else launch_d(grid, s);
+    return nullptr;
+  });
+  return err != nullptr ? err : launch_status();
 }
 
 }  // namespace

@@ -25,6 +25,8 @@
 
 #include "pyopd/runtime.h"
 #include "pyopd/vocab_stats.h"
+#include "device_guard.cuh"
+#include "pyopd/dispatch.h"
 #include "vocab_stats_core.cuh"
 
 namespace pyopd {
@@ -205,17 +207,9 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<acc_t<S>>)
 
 // ---- host side -------------------------------------------------------------------
 
-template <typename T> struct Tag { using type = T; };
-
-// Calls f(Tag<storage type>) for a dtype tag.
+// Calls f(Tag<storage type>) for a dtype tag (pyopd/dispatch.h with CUDA's 16-bit types).
 template <typename F> const char* with_dtype(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat16: return f(Tag<__half>{});
-    case DType::kFloat64: return f(Tag<double>{});
-  }
-  return "unknown dtype tag";
+  return pyopd::with_dtype<__nv_bfloat16, __half>(d, static_cast<F&&>(f));
 }
 
 // float64 comes only as a pair (student with teacher, logits with gradient).
@@ -311,26 +305,6 @@ const char* launch_bwd(const VocabStatsBwdParams& p, cudaStream_t stream) {
   return last_error();
 }
 
-// Makes `device` current for the launch and gives the caller's back after.
-struct DeviceScope {
-  int restore = -1;  // the caller's device, when it had to be changed
-  const char* error = nullptr;
-  explicit DeviceScope(int device) {
-    int prev = -1;
-    cudaError_t e = cudaGetDevice(&prev);
-    if (e == cudaSuccess && prev != device) {
-      e = cudaSetDevice(device);
-      if (e == cudaSuccess) restore = prev;
-    }
-    if (e != cudaSuccess) {
-      error = cudaGetErrorString(e);
-      cudaGetLastError();  // do not leave the error for an unrelated later check
-    }
-  }
-  ~DeviceScope() {
-    if (restore >= 0) cudaSetDevice(restore);
-  }
-};
 
 template <typename P> const char* check_sizes(const P& p) {
   if (p.vocab <= 0 || p.vocab > kMaxRow) return "vocab must be in [1, 2^30] for the CUDA kernels";

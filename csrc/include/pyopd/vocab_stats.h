@@ -16,8 +16,8 @@
 
 namespace pyopd {
 
-struct VocabStatsFwdParams {
-  // inputs
+// The inputs of both passes (the backward reads the same logits, tokens and mask).
+struct VocabStatsInputs {
   const void* student = nullptr;   // [N, V] rows, last dim contiguous
   DType student_dtype = DType::kFloat32;
   int64_t student_row_stride = 0;  // elements between rows
@@ -30,7 +30,9 @@ struct VocabStatsFwdParams {
   int64_t vocab = 0;          // V
   int64_t teacher_vocab = 0;  // Vt
   double inv_temperature = 1.0;
+};
 
+struct VocabStatsFwdParams : VocabStatsInputs {
   // outputs, each [N], float32 (float64 when the inputs are float64)
   void* kl = nullptr;                // reverse_kl only
   void* student_entropy = nullptr;
@@ -43,20 +45,7 @@ struct VocabStatsFwdParams {
   void* stats = nullptr;
 };
 
-struct VocabStatsBwdParams {
-  const void* student = nullptr;
-  DType student_dtype = DType::kFloat32;
-  int64_t student_row_stride = 0;
-  const void* teacher = nullptr;  // nullptr for token_stats
-  DType teacher_dtype = DType::kFloat32;
-  int64_t teacher_row_stride = 0;
-  const int64_t* tokens = nullptr;
-  const bool* mask = nullptr;
-  int64_t n_rows = 0;
-  int64_t vocab = 0;
-  int64_t teacher_vocab = 0;
-  double inv_temperature = 1.0;
-
+struct VocabStatsBwdParams : VocabStatsInputs {
   // saved from forward ([N] and [N, 4]), float32 or float64 like the outputs
   const void* stats = nullptr;
   const void* kl = nullptr;               // needed when grad_kl != nullptr
