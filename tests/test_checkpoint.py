@@ -319,13 +319,6 @@ def test_malformed_line_in_the_middle_is_an_error_naming_it(tmp_path):
 # ----------------------------------------------------------------------------- end to end (trainer)
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from pyopd.tasks.prepare import prepare_models
-
-    return prepare_models(scale="tiny", cache_dir=tmp_path_factory.mktemp("cache"), seed=0, log=None)
-
-
 def _trainer(prepared, out: Path, steps: int, logs: list):
     from pyopd.demo import make_prompt_source
     from pyopd.tasks.registry import get_task

@@ -13,20 +13,6 @@ from pyopd.trainers import checkpoint as ckpt_io
 from pyopd.trainers.opd import NonFiniteError, OPDConfig, OPDTrainer
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from pyopd.tasks.prepare import prepare_models
-
-    return prepare_models(scale="tiny", cache_dir=tmp_path_factory.mktemp("cache"), seed=0, log=None)
-
-
-@pytest.fixture(scope="module")
-def task():
-    from pyopd.tasks.registry import get_task
-
-    return get_task("mixed")
-
-
 def _trainer(prepared, task, out: Path, **kw):
     cfg = OPDConfig(**{**dict(loss="opd", steps=2, prompts_per_step=4, n=2, micro_batch=3, max_new_tokens=8,
                               eval_every=0, save_every=1, out_dir=str(out), lr=1e-3, seed=1), **kw})

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,6 @@ from pyopd.trainers import checkpoint as ckpt_io
 from pyopd.trainers.opd import OPDConfig, OPDTrainer, PromptBatch
 from pyopd.trainers.records import read_jsonl
 from pyopd.trainers.rollout import response_mask, score
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from pyopd.tasks.prepare import prepare_models
-
-    return prepare_models(scale="tiny", cache_dir=tmp_path_factory.mktemp("cache"), seed=0, log=None)
-
-
-@pytest.fixture(scope="module")
-def task():
-    from pyopd.tasks.registry import get_task
-
-    return get_task("mixed")
 
 
 def _cfg(out: Path, **kw) -> OPDConfig:

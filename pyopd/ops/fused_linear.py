@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 
 import pyopd.ops.vocab  # noqa: F401  (registers torch.ops.pyopd.vocab_stats_fwd / _bwd)
+from pyopd import _checks
 from pyopd.ops.reference import ReverseKL, TokenStats, reverse_kl_ref, token_stats_ref
 
 __all__ = [
@@ -404,16 +405,6 @@ def _check_rows(name: str, x: object, lead: tuple, device: torch.device, kind: s
     return x
 
 
-def _check_temperature(temperature: object) -> float:
-    try:
-        t = float(temperature)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}") from None
-    if not (t > 0.0 and math.isfinite(t)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return t
-
-
 def _check_chunk_size(chunk_size: object) -> Optional[int]:
     if chunk_size is None:
         return None
@@ -514,7 +505,7 @@ def fused_linear_reverse_kl(
             if x is not None and x.requires_grad:
                 raise ValueError(f"{name} requires grad, but pyopd never differentiates the "
                                  f"teacher; pass {name}.detach()")
-    t = _check_temperature(temperature)
+    t = _checks.temperature(temperature)
     chunk = _check_chunk_size(chunk_size)
     tokens, mask = _prepare_rows(tokens, mask, lead, dev, v, "student_hidden", "student_weight")
     s_rows = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -554,7 +545,7 @@ def fused_linear_token_stats(
     """
     _check_linear("hidden", "weight", "bias", hidden, weight, bias)
     lead = tuple(hidden.shape[:-1])
-    t = _check_temperature(temperature)
+    t = _checks.temperature(temperature)
     chunk = _check_chunk_size(chunk_size)
     tokens, mask = _prepare_rows(tokens, mask, lead, hidden.device, weight.shape[0], "hidden", "weight")
     rows = hidden.reshape(-1, hidden.shape[-1])
