@@ -443,11 +443,10 @@ def _run_fire_opd_real(args) -> int:
 
 
 def _run_copsd(args) -> int:
-    from pyopd.trainers.copsd import CATEGORIES, DEFAULT_CONSTITUTION, ConstitutionError, check_template
+    from pyopd.trainers.copsd import CATEGORIES, ConstitutionError, load_constitution
 
     try:
-        template = DEFAULT_CONSTITUTION if args.constitution is None else \
-            check_template(read_text("--constitution", args.constitution), args.constitution)
+        template = load_constitution(args.constitution)  # the shipped one when not given
     except ConstitutionError as e:
         raise UsageError(f"--constitution: {e}") from None
     if args.cross_sft_epochs < 1:

@@ -6,6 +6,7 @@ code. docs/presets.md lists every difference.
 """
 from __future__ import annotations
 
+from pyopd.config import PRESETS  # one home for the choices
 from pyopd.presets.released import (
     ReleasedFireSignals,
     aggregate_released,
@@ -21,8 +22,6 @@ from pyopd.presets.released import (
     released_denominator,
     rollout_is_weights_released,
 )
-
-PRESETS = ("paper", "released")
 
 __all__ = [
     "PRESETS",
