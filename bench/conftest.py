@@ -43,6 +43,11 @@ def _baseline_of(provider: str) -> str:
     return "pyopd_kl" if provider.endswith("_kl") or provider.endswith("_kl5") else "pyopd"
 
 
+def _ms(ms: float) -> str:
+    """Three significant digits: 1234 ms on a CPU, 0.214 ms on a GPU."""
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def _summary(by_group) -> list[str]:
     """One line per shape: the ratios the issue asks for, side by side."""
     lines = ["", "| shape | pyopd (full loss) ms | torch.compile full ms | eager ms | "
@@ -53,7 +58,7 @@ def _summary(by_group) -> list[str]:
         if "pyopd" not in provs:
             continue
         med = {k: v["median"] * 1e3 for k, v in provs.items()}
-        fmt = lambda k: f"{med[k]:.0f}" if k in med else "-"  # noqa: E731
+        fmt = lambda k: _ms(med[k]) if k in med else "-"  # noqa: E731
         ratio = lambda a, b: f"{med[a] / med[b]:.2f}x" if a in med and b in med else "-"  # noqa: E731
         copy = _results.COPY.get(shape)
         gbps = provs["pyopd"].get("gbps")
@@ -86,9 +91,9 @@ def pytest_terminal_summary(terminalreporter):
             mem_s = f"{mem / 2**20:.0f}" if mem is not None else "-"
             if r.get("peak_extra_fwd_bytes") is not None:
                 mem_s += f" (fwd {r['peak_extra_fwd_bytes'] / 2**20:.0f})"
-            lines.append(f"| {bench} | {shape} | {name} | {1e3 * r['median']:.2f} | "
+            lines.append(f"| {bench} | {shape} | {name} | {_ms(1e3 * r['median'])} | "
                          f"{gbps:.1f} | {ratio} | {pct} | {mem_s} |" if gbps else
-                         f"| {bench} | {shape} | {name} | {1e3 * r['median']:.3f} | - | {ratio} | - | {mem_s} |")
+                         f"| {bench} | {shape} | {name} | {_ms(1e3 * r['median'])} | - | {ratio} | - | {mem_s} |")
     for shape, gbps in sorted(_results.COPY.items()):
         lines.append(f"| copy | {shape} | copy | - | {gbps:.1f} | - | 100% | - |")
     if any(r["bench"].startswith("reverse_kl") for r in rows):
