@@ -144,6 +144,18 @@ def _fwd_bwd(provider, s, t, y):
     return loss, x.grad
 
 
+def _or_skip(provider, fn, *args):
+    """fn(*args); a torch.compile provider that fails to compile is skipped, with
+    the error as the reason (an Inductor/Triton failure is not pyopd's to fix)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        if not provider.startswith("compile"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        pytest.skip(f"torch.compile failed on this machine: {type(e).__name__}: {first}"[:300])
+
+
 def fused_bytes(n, v, dtype) -> int:
     """Bytes the fused op must move: forward reads s and t, backward reads s, t and writes grad."""
     e = torch.finfo(dtype).bits // 8
@@ -158,10 +170,14 @@ def test_reverse_kl_fwd_bwd(benchmark, provider, shape):
         pytest.skip("Liger-Kernel not installed")
     s, t, y = _inputs(n, v, dtype)
     # Check before timing: every provider agrees with pyopd on the loss.
-    if provider not in ("pyopd", "pyopd_kl", "liger"):
+    if provider == "liger":  # its loss: the mean over rows of KL(student || teacher)
+        ours = pyopd.reverse_kl(s[:64], t[:64], y[:64]).kl.float().mean()
+        theirs, _ = _fwd_bwd(provider, s[:64], t[:64], y[:64])
+        torch.testing.assert_close(theirs.float(), ours, rtol=1e-3, atol=1e-3)
+    elif provider not in ("pyopd", "pyopd_kl"):
         ours, _ = _fwd_bwd("pyopd_kl" if provider.endswith("kl5") else "pyopd",
                            s[:64], t[:64], y[:64])
-        theirs, _ = _fwd_bwd(provider, s[:64], t[:64], y[:64])
+        theirs, _ = _or_skip(provider, _fwd_bwd, provider, s[:64], t[:64], y[:64])
         torch.testing.assert_close(theirs.float(), ours.float(), rtol=1e-4, atol=1e-2)
 
     def run():
@@ -169,7 +185,7 @@ def test_reverse_kl_fwd_bwd(benchmark, provider, shape):
         _sync()
         return out
 
-    run()  # warm-up (compilation, allocator, thread pool)
+    _or_skip(provider, run)  # warm-up (compilation, allocator, thread pool)
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     nbytes = fused_bytes(n, v, dtype)
     benchmark.extra_info.update(

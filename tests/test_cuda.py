@@ -290,6 +290,12 @@ def test_emu_non_finite_rows(emu, mode, dtype):
     g = emu_backward(*common, [None, ones, None, ones], mode=mode)
     for r in range(n):
         assert bool(g[r].isnan().all()) == (r in {1, 2, 3}), r
+    # The same with zero upstream tensors (what autograd passes for an unused
+    # output): 0 * (+inf KL) must not make rows 4 and 7 NaN.
+    zeros = torch.zeros(n, dtype=acc)
+    g0 = emu_backward(*common, [zeros, ones, zeros, ones], mode=mode)
+    assert torch.equal(g0.isnan(), g.isnan())
+    assert torch.equal(g0.nan_to_num(), g.nan_to_num())
     # A masked row keeps a zero gradient whatever it holds.
     mask[[1, 4]] = False
     got_m, stats_m = emu_forward(emu, s, t, y, mask=mask, mode=mode)

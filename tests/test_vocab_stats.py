@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -557,9 +558,13 @@ def test_token_check_runs_once_per_call_without_host_sync_on_cuda(device):
     assert float(r.kl[1]) == 0.0
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")  # any host sync inside the call raises
+        with warnings.catch_warnings():  # "prototype feature" notice on every set
+            warnings.simplefilter("ignore", UserWarning)
+            torch.cuda.set_sync_debug_mode("error")  # any host sync inside the call raises
         try:
             pyopd.reverse_kl(s, t, y, mask=mask)
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()

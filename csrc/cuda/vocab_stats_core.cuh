@@ -863,7 +863,9 @@ PYOPD_HD void bwd_row_part(const VocabStatsBwdParams& p, int64_t r, int tid, int
     return;
   }
   c.a = g_kl - g_h;
-  c.b = -g_kl * kl - g_lp - g_h * hs + g_lse;
+  // A zero upstream gradient contributes nothing, not 0 * value: the KL is +inf
+  // on a row with a teacher hole, and 0 * inf would make the row NaN.
+  c.b = (g_kl != Acc(0) ? -g_kl * kl : Acc(0)) - g_lp - (g_h != Acc(0) ? g_h * hs : Acc(0)) + g_lse;
   c.g_kl = g_kl;
   c.g_lp = g_lp;
   // The one-hot term's id relative to the slice; -1 (never matched) outside it.
