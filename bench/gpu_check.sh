@@ -8,6 +8,8 @@
 #   4. tests: every test marked `cuda`; the check FAILS if any is skipped;
 #   5. paths: forward / backward times of the CUDA launch paths side by side
 #      (aligned vs misaligned rows, few rows split over blocks vs not);
+#      then bench/gpu_profile.py: kernels and host time per call, and the
+#      fused-linear chunk sweep (profile.md);
 #   6. bench: the GPU benchmarks (bench/, PYOPD_BENCH_DEVICE=cuda).
 # Everything goes under $OUT (default bench/results/gpu): machine.txt,
 # command.txt, build.log, status.txt, cuda_tests.log, junit.xml, paths.md,
@@ -212,6 +214,12 @@ EOF
 paths_rc=$?
 cat "$OUT/paths.log"
 phase paths "$paths_rc" "$t" "paths.md"
+
+# ---- 5b. profile: fixed cost per call, fused-linear chunk sweep ---------------
+t=$(date +%s)
+(cd "$RUN_DIR" && timeout "$(left 150)" python3 "$ROOT/bench/gpu_profile.py" "$OUT/profile.md") \
+  >"$OUT/profile.log" 2>&1
+phase profile "$?" "$t" "profile.md"
 
 # ---- 6. benchmarks -------------------------------------------------------------
 if [ "${PYOPD_GPU_CHECK_NO_BENCH:-0}" = 1 ]; then

@@ -157,8 +157,13 @@ def _vocab_stats_fwd(
     _checks.inv_temperature(inv_temperature)
     n = student.shape[0]
     od = _out_dtype(student)
-    outs = [torch.zeros(n, dtype=od, device=student.device) for _ in range(7)]
-    stats = torch.empty(n, 4, dtype=od, device=student.device)
+    # The kernels write every row of the student's outputs (and of the teacher's
+    # when there is one), masked rows included: no fill kernels on the device,
+    # except the teacher's fields that stay 0 without a teacher.
+    dev = student.device
+    outs = [torch.empty(n, dtype=od, device=dev) if k in (1, 3, 5) or teacher is not None
+            else torch.zeros(n, dtype=od, device=dev) for k in range(7)]
+    stats = torch.empty(n, 4, dtype=od, device=dev)
     p = _C.VocabStatsFwdParams()
     _fill_inputs(p, student, teacher, tokens, mask, inv_temperature)
     if teacher is not None:
