@@ -396,6 +396,7 @@ PYBIND11_MODULE(_C, m) {
   PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, student_lse);
   PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, teacher_lse);
   PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, stats);
+  PYOPD_PTR_FIELD(fwd, VocabStatsFwdParams, token_ok);
 
   auto bwd = py::class_<VocabStatsBwdParams, VocabStatsInputs>(m, "VocabStatsBwdParams").def(py::init<>());
   PYOPD_PTR_FIELD(bwd, VocabStatsBwdParams, stats);

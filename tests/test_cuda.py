@@ -92,7 +92,7 @@ def emu() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     i64, i32, vp, dbl = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
     lib.emu_vocab_stats_fwd.argtypes = [vp, i32, i64, vp, i32, i64, vp, vp, i64, i64, i64, dbl,
-                                        ctypes.POINTER(vp), i32, i32, i64]
+                                        ctypes.POINTER(vp), i32, i32, i64, vp]
     lib.emu_vocab_stats_bwd.argtypes = [vp, i32, i64, vp, i32, i64, vp, vp, i64, i64, i64, dbl,
                                         ctypes.POINTER(vp), ctypes.POINTER(vp), vp, i32, i32, i32, i64]
     lib.emu_vocab_stats_fwd.restype = lib.emu_vocab_stats_bwd.restype = i32
@@ -119,8 +119,9 @@ def _launch_shape(mode: str, length: int) -> tuple[int, int, int]:
     return 256, -(-length // sl), sl
 
 
-def emu_forward(lib, s, t, y=None, mask=None, temperature=1.0, mode="block"):
-    """Runs the emulated forward; returns (ReverseKL-like dict, stats [N, 4])."""
+def emu_forward(lib, s, t, y=None, mask=None, temperature=1.0, mode="block", token_ok=None):
+    """Runs the emulated forward; returns (ReverseKL-like dict, stats [N, 4]).
+    token_ok: an int32 [1] tensor the kernel sets to 0 on a bad unmasked id."""
     n, v = s.shape
     vt = t.shape[1] if t is not None else 0
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
@@ -129,7 +130,7 @@ def emu_forward(lib, s, t, y=None, mask=None, temperature=1.0, mode="block"):
     rc = lib.emu_vocab_stats_fwd(
         _ptr(s), TAG[s.dtype], s.stride(0), _ptr(t), TAG[t.dtype] if t is not None else 0,
         t.stride(0) if t is not None else 0, _ptr(y), _ptr(mask), n, v, vt, 1.0 / temperature,
-        _ptrs(outs), tpr, ns, sl)
+        _ptrs(outs), tpr, ns, sl, _ptr(token_ok))
     assert rc == 0
     return dict(zip(FIELDS_KL, outs[:7])), outs[7]
 
@@ -239,6 +240,25 @@ def test_emu_no_token_ignores_logprob_grad(emu, mode):
     with_lp = emu_backward(*args, [g_kl, torch.tensor([3.0, -7.0, 1.0]), None, None], mode=mode)
     without = emu_backward(*args, [g_kl, None, None, None], mode=mode)
     assert torch.equal(with_lp, without)  # logprob is the constant 0: no contribution
+
+
+@pytest.mark.parametrize("mode", ["warp", "block", "split-3"])
+def test_emu_token_flag(emu, mode):
+    # The device-side token check: the flag drops to 0 only for an id outside
+    # [0, V) on a row that counts (masked rows and tokens=None never touch it).
+    v = 300 if mode == "warp" else 9000
+    s, t = _logits(4, v, 2.0, torch.float32, 11), _logits(4, v, 2.0, torch.float32, 12)
+    mask = torch.tensor([True, False, True, True])
+    cases = [([0, 1, v - 1, 5], None, 1), ([0, -1, v - 1, 5], mask, 1), ([0, v, 2, 5], mask, 1),
+             ([0, 1, v, 5], mask, 0), ([0, 1, 2, -3], mask, 0), ([v, 1, 2, 3], None, 0),
+             ([-100, 1, 2, 3], None, 0)]
+    for ids, m, want in cases:
+        ok = torch.ones(1, dtype=torch.int32)
+        emu_forward(emu, s, t, torch.tensor(ids), mask=m, mode=mode, token_ok=ok)
+        assert int(ok) == want, (ids, m)
+    ok = torch.ones(1, dtype=torch.int32)
+    emu_forward(emu, s, t, None, mode=mode, token_ok=ok)
+    assert int(ok) == 1
 
 
 @pytest.mark.parametrize("mode", ["warp", "block", "split-2"])

@@ -568,3 +568,34 @@ def test_token_check_runs_once_per_call_without_host_sync_on_cuda(device):
                 warnings.simplefilter("ignore", UserWarning)
                 torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not pyopd.cuda_available(), reason="no CUDA device / CUDA build")
+@pytest.mark.parametrize("bad", ["too_large", "negative"])
+def test_out_of_range_token_fires_a_device_assert_on_cuda(bad):
+    # The forward kernel checks the ids itself (no host sync): an id outside
+    # [0, V) on an unmasked row poisons the CUDA context, so in a child process.
+    import subprocess
+    import sys
+    import tempfile
+
+    from _helpers import subprocess_env
+
+    bad_id = "10" if bad == "too_large" else "-1"
+    code = (
+        "import torch, pyopd\n"
+        "s = torch.randn(4, 10, device='cuda'); t = torch.randn(4, 10, device='cuda')\n"
+        "m = torch.tensor([True, False, True, True], device='cuda')\n"
+        "ok = pyopd.reverse_kl(s, t, torch.tensor([1, 99, 2, 3], device='cuda'), mask=m)\n"
+        "torch.cuda.synchronize()\n"
+        "print('masked id ignored', flush=True)\n"
+        f"r = pyopd.reverse_kl(s, t, torch.tensor([1, 2, {bad_id}, 3], device='cuda'), mask=m)\n"
+        "torch.cuda.synchronize()\n"
+        "print('not reached', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=tempfile.gettempdir(), timeout=300)
+    assert "masked id ignored" in proc.stdout, proc.stderr
+    assert proc.returncode != 0 and "not reached" not in proc.stdout
+    assert "tokens must lie in [0, 10)" in proc.stderr or "assert" in proc.stderr.lower(), proc.stderr

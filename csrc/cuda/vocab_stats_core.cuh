@@ -752,6 +752,9 @@ PYOPD_HD void finalize_fwd(const VocabStatsFwdParams& p, int64_t r, const RowSta
   constexpr bool kTeacher = !std::is_same<T, NoTeacher>::value;
   const Acc inv_t = static_cast<Acc>(p.inv_temperature);
   const int64_t y = token_of(p.tokens, r);
+  if (p.token_ok != nullptr && p.tokens != nullptr && (p.tokens[r] < 0 || p.tokens[r] >= p.vocab)) {
+    *p.token_ok = 0;  // unmasked rows only reach here; every writer stores the same 0
+  }
   auto out = [r](void* v, double x) { static_cast<Acc*>(v)[r] = static_cast<Acc>(x); };
   // A row whose lse is not finite (a NaN or +inf logit, or every logit -inf)
   // has no distribution: NaN entropy, log-prob (for a sampled id) and KL, as

@@ -56,13 +56,14 @@ def _token_check_impl(tokens: torch.Tensor, mask: Optional[torch.Tensor], vocab:
     under a mask. The kernels never index with an out-of-range id either way.
     """
     flat = tokens.reshape(-1).to(torch.int64, copy=copy).contiguous()
+    if flat.device.type == "cuda":
+        # Checked by the forward kernel itself, with no host sync and no extra
+        # pass over the ids (see _vocab_stats_fwd).
+        return flat
     bad = (flat < 0) | (flat >= vocab)
     if mask is not None:
         bad &= mask.reshape(-1)
-    if flat.device.type == "cuda":
-        # No host sync: a device-side assert fires (asynchronously) if any id is bad.
-        torch._assert_async(~bad.any(), _token_range_message(vocab))
-    elif bool(bad.any()):
+    if bool(bad.any()):
         first = flat[bad][0].item()
         raise ValueError(f"{_token_range_message(vocab)}; found {first}")
     return flat
@@ -172,8 +173,17 @@ def _vocab_stats_fwd(
     p.student_entropy, p.student_logprob, p.student_lse = (
         outs[1].data_ptr(), outs[3].data_ptr(), outs[5].data_ptr())
     p.stats = stats.data_ptr()
+    token_ok = None
+    if tokens is not None and student.device.type == "cuda":
+        # The kernel clears this flag for an id outside [0, V) on an unmasked row;
+        # the assert fires asynchronously (a device-side error), like
+        # torch._assert_async, without waiting for the device.
+        token_ok = torch.ones((), dtype=torch.int32, device=student.device)
+        p.token_ok = token_ok.data_ptr()
     device, stream = _device_args(student)
     _C.vocab_stats_fwd(p, device, stream)
+    if token_ok is not None:
+        torch._assert_async(token_ok, _token_range_message(p.vocab))
     return (*outs, stats)
 
 
@@ -234,6 +244,9 @@ def _setup_context(ctx, inputs, output):
     student, teacher, tokens, mask, inv_temperature = inputs
     kl, hs, ht, _lps, lpt, _lses, lset, stats = output
     ctx.mark_non_differentiable(ht, lpt, lset, stats)  # the teacher is never differentiated
+    # Unused outputs reach backward as None, not as zero tensors: no fill kernels
+    # for them, and the kernel skips their terms (a null upstream gradient).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(student, teacher, tokens, mask, stats, kl, hs)
     ctx.inv_temperature = inv_temperature
 

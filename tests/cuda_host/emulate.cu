@@ -109,12 +109,15 @@ void bwd_rows(const VocabStatsBwdParams& p, int n_slices, int64_t slice_len) {
 // tpr: threads per row (32 or 256); n_slices > 1 splits rows into slices of
 // slice_len ids (done by 256-thread blocks). outs: kl, student_entropy,
 // teacher_entropy, student_logprob, teacher_logprob, student_lse, teacher_lse,
-// stats. Returns 0, or -1 for an unsupported combination.
+// stats; token_ok (may be null) is set to 0 for an out-of-range id on an
+// unmasked row. Returns 0, or -1 for an unsupported combination.
 extern "C" int emu_vocab_stats_fwd(const void* student, int sdt, int64_t s_stride, const void* teacher,
                                    int tdt, int64_t t_stride, const int64_t* tokens, const bool* mask,
                                    int64_t n_rows, int64_t vocab, int64_t teacher_vocab, double inv_t,
-                                   void* const* outs, int tpr, int n_slices, int64_t slice_len) {
+                                   void* const* outs, int tpr, int n_slices, int64_t slice_len,
+                                   int32_t* token_ok) {
   VocabStatsFwdParams p;
+  p.token_ok = token_ok;
   p.student = student;
   p.student_dtype = static_cast<DType>(sdt);
   p.student_row_stride = s_stride;

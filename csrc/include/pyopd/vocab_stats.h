@@ -43,6 +43,10 @@ struct VocabStatsFwdParams : VocabStatsInputs {
   void* teacher_lse = nullptr;       // reverse_kl only
   // [N, 4]: (m_s, log Z_s, m_t, log Z_t), what backward needs to recompute p, q
   void* stats = nullptr;
+  // CUDA only, optional: a device int set to 0 when an unmasked row's id lies
+  // outside [0, V); the caller asserts on it asynchronously (no host sync).
+  // The CPU kernels ignore it (the Python wrapper raises there).
+  int32_t* token_ok = nullptr;
 };
 
 struct VocabStatsBwdParams : VocabStatsInputs {
