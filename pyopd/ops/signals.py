@@ -603,9 +603,10 @@ def _group_advantages_impl(teacher_logprob, student_logprob, mask, group_index, 
     prm.clip_low, prm.clip_high, prm.bonus, prm.eps = clip_low, clip_high, bonus, eps
 
     # Pass 1 (kernel): per-row count, mean, M2 of r.
-    count = torch.zeros(B, dtype=torch.int64, device=dev)
-    mean = torch.zeros(B, dtype=torch.float64, device=dev)
-    m2 = torch.zeros(B, dtype=torch.float64, device=dev)
+    # The kernel writes every row (0, 0, 0 for a row without valid tokens).
+    count = torch.empty(B, dtype=torch.int64, device=dev)
+    mean = torch.empty(B, dtype=torch.float64, device=dev)
+    m2 = torch.empty(B, dtype=torch.float64, device=dev)
     prm.row_count, prm.row_mean, prm.row_m2 = count.data_ptr(), mean.data_ptr(), m2.data_ptr()
     _launch(_C.group_reward_moments, prm, dev)
 
