@@ -431,3 +431,30 @@ def test_tip_loss_rho1_is_opd_and_selection_matches():
         tip_token_mask(d["hs"], kl, d["mask"], rho=0)
     with pytest.raises(ValueError, match="needs selection or student_entropy"):
         tip_loss(d["logprob"], d["old"], d["lq"], d["mask"])
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("extras", ["plain", "weight", "keep", "denominator", "empty"])
+def test_kl_coefficients_reproduce_the_loss(agg, extras):
+    from pyopd.losses import kl_coefficients, reverse_kl_loss
+
+    g = torch.Generator().manual_seed(7)
+    B, T = 5, 9
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[2] = False  # a row with no valid token
+    if extras == "empty":
+        mask[:] = False
+    kw = {}
+    if extras == "weight":
+        kw["weight"] = torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    if extras == "keep":
+        kw["keep"] = torch.tensor([True, False, True, True, False])
+    if extras == "denominator":
+        kw["denominator"] = 17.5
+    coef = kl_coefficients(mask, agg=agg, **kw)
+    assert coef.shape == (B, T) and not coef.requires_grad
+    assert bool((coef[~mask] == 0).all())
+    for seed in range(3):  # any KL: the loss is linear in it
+        kl = torch.rand(B, T, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 5
+        loss, _ = reverse_kl_loss(kl, mask, agg=agg, **kw)
+        torch.testing.assert_close((coef * kl).sum(), loss.to(torch.float64), rtol=1e-12, atol=1e-12)

@@ -9,7 +9,7 @@ from pyopd.losses._common import AGG_MODES, PRESETS, aggregate_loss
 from pyopd.losses.copsd import copsd_loss, copsd_signals, k3_kl
 from pyopd.losses.fire import FireSignals, fire_opd_loss, fire_opd_signals
 from pyopd.losses.opd import exopd_loss, opd_loss, ppo_policy_loss, tip_loss, tip_token_mask
-from pyopd.losses.reverse_kl import reverse_kl_loss, reverse_kl_loss_from_logits
+from pyopd.losses.reverse_kl import kl_coefficients, reverse_kl_loss, reverse_kl_loss_from_logits
 
 __all__ = [
     "AGG_MODES",
@@ -24,6 +24,7 @@ __all__ = [
     "k3_kl",
     "opd_loss",
     "ppo_policy_loss",
+    "kl_coefficients",
     "reverse_kl_loss",
     "reverse_kl_loss_from_logits",
     "tip_loss",

@@ -26,7 +26,7 @@ from pyopd.losses._common import (
     token_stats,
 )
 
-__all__ = ["reverse_kl_loss", "reverse_kl_loss_from_logits"]
+__all__ = ["kl_coefficients", "reverse_kl_loss", "reverse_kl_loss_from_logits"]
 
 
 def reverse_kl_loss(
@@ -71,6 +71,34 @@ def reverse_kl_loss(
     metrics["num_tokens"] = m.sum()
     metrics["loss"] = loss.detach()
     return loss, to_floats(metrics)
+
+
+def kl_coefficients(
+    mask: torch.Tensor,
+    *,
+    weight: Optional[torch.Tensor] = None,
+    keep: Optional[torch.Tensor] = None,
+    agg: str = "token-mean",
+    denominator: Optional[float] = None,
+) -> torch.Tensor:
+    """[B, T] coefficients c with ``reverse_kl_loss(kl, mask, ...) == (c * kl).sum()`` for every kl.
+
+    The loss is linear in the per-token KL, so its gradient w.r.t. the KL does
+    not depend on the KL: it is taken here, once, through `reverse_kl_loss`
+    itself (no second copy of the aggregation rules). A fused op that computes
+    the gradient in its forward pass (`pyopd.fused_linear_reverse_kl_loss`)
+    needs these up front. Zero at positions outside the loss.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        got = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) \
+            else type(mask).__name__
+        raise TypeError(f"mask must be a [B, T] bool tensor, got {got}")
+    with torch.enable_grad():
+        probe = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device, requires_grad=True)
+        w = None if weight is None else weight.detach().to(torch.float64)
+        loss, _ = reverse_kl_loss(probe, mask, weight=w, keep=keep, agg=agg, denominator=denominator)
+        (coef,) = torch.autograd.grad(loss, probe, allow_unused=True)
+    return torch.zeros_like(probe) if coef is None else coef
 
 
 def _fused_reverse_kl():
