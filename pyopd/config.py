@@ -103,6 +103,11 @@ class OPDConfig:
                                "fused path costs about 2x the time of materialised logits and 1/10 of the memory); "
                                "models whose head is not a plain linear map always use logits",
                                choices=("auto", "on", "off"), group="optimisation")
+    fsdp: bool = option(False, "under torchrun: shard the student's parameters, gradients and optimizer "
+                        "state across the processes with FSDP2 (and the teacher and reference when "
+                        "every rank scores all rows with them); checkpoints stay full, so a run "
+                        "resumes with any number of processes, sharded or not",
+                        group="optimisation")
     # ---- run
     eval_every: int = option(10, "evaluate every N steps (0: only at the start and the end)",
                              lo=0, group="run")

@@ -1,4 +1,6 @@
-"""The trainer in 2 gloo processes equals 1 process on the same global batch.
+"""The trainer in 2 gloo processes equals 1 process on the same global batch,
+replicated (gradients all-reduced) and sharded with FSDP2 (--fsdp), and a run
+resumes across world sizes and sharding from the other's checkpoint.
 
 Sampling is replaced by a deterministic function of the prompt, so both runs
 see exactly the same rollouts; everything after it (scoring, the objective's
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import zlib
 
 import pytest
@@ -44,8 +47,8 @@ def fake_sample(model, tokenizer, prompts, n, *, max_new_tokens, temperature=1.0
     return Rollouts(rows_p, rows_ids, response, mask, torch.tensor(groups), [""] * len(rows_p))
 
 
-def one_step(cache: str, loss: str, out: str):
-    """Build a trainer on the tiny models and run one step on a fixed global batch."""
+def make_trainer(cache: str, loss: str, out: str, fsdp: bool = False, steps: int = 1, save_every: int = 0):
+    """A trainer on the tiny models whose sampling is `fake_sample`."""
     import pyopd.trainers.opd as opd_mod
     from pyopd.demo.fire_opd import make_prompt_source
     from pyopd.tasks.prepare import prepare_models
@@ -55,13 +58,25 @@ def one_step(cache: str, loss: str, out: str):
     opd_mod.sample_rollouts = fake_sample
     prepared = prepare_models(scale="tiny", cache_dir=cache, seed=0, log=None)
     task = get_task("mixed")
-    cfg = OPDConfig(loss=loss, steps=1, prompts_per_step=PROMPTS, n=N, micro_batch=2, mini_batches=1,
-                    max_new_tokens=6, eval_every=0, save_every=0, out_dir=out, lr=1e-2, seed=5,
-                    percentile=40.0, dual_clip=3.0 if loss == "copsd" else None)
+    cfg = OPDConfig(loss=loss, steps=steps, prompts_per_step=PROMPTS, n=N, micro_batch=2, mini_batches=1,
+                    max_new_tokens=6, eval_every=0, save_every=save_every, out_dir=out, lr=1e-2, seed=5,
+                    percentile=40.0, dual_clip=3.0 if loss == "copsd" else None, fsdp=fsdp)
     ref = prepared.load_student() if loss == "copsd" else None
-    tr = OPDTrainer(cfg, prepared.load_student(), {"mixed": prepared.load_teacher("mixed")},
-                    prepared.load_tokenizer(), make_prompt_source(task, lambda e: "mixed"),
-                    reference=ref, log=lambda *_: None, progress=False)
+    return OPDTrainer(cfg, prepared.load_student(), {"mixed": prepared.load_teacher("mixed")},
+                      prepared.load_tokenizer(), make_prompt_source(task, lambda e: "mixed"),
+                      reference=ref, log=lambda *_: None, progress=False)
+
+
+def flat_params(tr) -> torch.Tensor:
+    """Every parameter, full (a collective when sharded), as one vector."""
+    from pyopd.trainers.sharding import full_tensor
+
+    return torch.cat([full_tensor(p.detach()).reshape(-1) for p in tr.student.parameters()])
+
+
+def one_step(cache: str, loss: str, out: str, fsdp: bool = False):
+    """Build a trainer on the tiny models and run one step on a fixed global batch."""
+    tr = make_trainer(cache, loss, out, fsdp)
     seen = {}
     real_signals = tr.objective.signals
 
@@ -74,7 +89,7 @@ def one_step(cache: str, loss: str, out: str):
     torch.manual_seed(0)
     batch = tr.prompts(0, PROMPTS, random.Random(11))
     metrics = tr.train_step(batch)
-    params = torch.cat([p.detach().reshape(-1) for p in tr.student.parameters()])
+    params = flat_params(tr)
     weight = seen["signals"].rows.get("weight", seen["signals"].rows.get("advantage"))
     return metrics, params, weight
 
@@ -86,12 +101,22 @@ def _worker(rank: int, world: int, store: str, cache: str, out_dir: str) -> None
     try:
         res = {}
         for loss in LOSSES:
-            metrics, params, weight = one_step(cache, loss, f"{out_dir}/run-{loss}")
-            gathered = [torch.zeros_like(weight) for _ in range(world)] if weight is not None else None
-            if weight is not None:
-                dist.all_gather(gathered, weight.contiguous())
-            res[loss] = {"loss": metrics["loss"], "params": params,
-                         "weight": None if weight is None else torch.cat(gathered)}
+            for fsdp in (False, True):
+                metrics, params, weight = one_step(cache, loss, f"{out_dir}/run-{loss}-{fsdp}", fsdp)
+                gathered = [torch.zeros_like(weight) for _ in range(world)] if weight is not None else None
+                if weight is not None:
+                    dist.all_gather(gathered, weight.contiguous())
+                res[loss, fsdp] = {"loss": metrics["loss"], "params": params,
+                                   "weight": None if weight is None else torch.cat(gathered)}
+        # Resume across world sizes and sharding: the sharded 2-process run continues the
+        # 1-process run's checkpoint-1 ...
+        tr = make_trainer(cache, "fire", f"{out_dir}/resume-from-single", fsdp=True, steps=2)
+        tr.train(resume=True)
+        res["resumed_sharded"] = flat_params(tr)
+        # ... and writes its own checkpoint-1 (full tensors, optimizer state by name).
+        tr = make_trainer(cache, "fire", f"{out_dir}/sharded-run", fsdp=True, steps=2, save_every=1)
+        tr.train(resume=False)
+        res["sharded_2_steps"] = flat_params(tr)
         if rank == 0:
             torch.save(res, f"{out_dir}/dist.pt")
     finally:
@@ -107,17 +132,36 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     prepare_models(scale="tiny", cache_dir=cache, seed=0, log=None)  # built once, loaded by both ranks
     torch.set_num_threads(1)
     single = {loss: one_step(cache, loss, str(tmp_path / f"single-{loss}")) for loss in LOSSES}
+    # A 1-process run of 2 steps with a checkpoint after each; its checkpoint-1 (optimizer
+    # state by index) is what the sharded run resumes from.
+    ref = make_trainer(cache, "fire", str(tmp_path / "single-2-steps"), steps=2, save_every=1)
+    ref.train(resume=False)
+    two_steps = flat_params(ref)
+    (tmp_path / "resume-from-single").mkdir()
+    shutil.copytree(tmp_path / "single-2-steps" / "checkpoint-1", tmp_path / "resume-from-single" / "checkpoint-1")
     mp.start_processes(_worker, args=(2, str(tmp_path / "store"), cache, str(tmp_path)), nprocs=2,
                        start_method="spawn")
     multi = torch.load(tmp_path / "dist.pt", weights_only=True)
     report = {}
     for loss in LOSSES:
         m1, p1, w1 = single[loss]
-        got = multi[loss]
-        report[loss] = {"loss_1": m1["loss"], "loss_2": got["loss"],
-                        "max_param_diff": float((p1 - got["params"]).abs().max())}
-        assert got["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-6), loss
-        torch.testing.assert_close(got["params"], p1, atol=1e-5, rtol=1e-5)
-        if w1 is not None:
-            torch.testing.assert_close(got["weight"], w1, atol=1e-5, rtol=1e-5)
+        for fsdp in (False, True):
+            got = multi[loss, fsdp]
+            key = f"{loss}{'-fsdp' if fsdp else ''}"
+            report[key] = {"loss_1": m1["loss"], "loss_2": got["loss"],
+                           "max_param_diff": float((p1 - got["params"]).abs().max())}
+            assert got["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-6), key
+            torch.testing.assert_close(got["params"], p1, atol=1e-5, rtol=1e-5, msg=key)
+            if w1 is not None:
+                torch.testing.assert_close(got["weight"], w1, atol=1e-5, rtol=1e-5, msg=key)
+    # Resume across world size and sharding, both ways, lands where 2 uninterrupted steps do.
+    torch.testing.assert_close(multi["sharded_2_steps"], two_steps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(multi["resumed_sharded"], two_steps, atol=1e-5, rtol=1e-5)
+    back = tmp_path / "resume-from-sharded"
+    back.mkdir()
+    shutil.copytree(tmp_path / "sharded-run" / "checkpoint-1", back / "checkpoint-1")
+    tr = make_trainer(cache, "fire", str(back), steps=2)
+    tr.train(resume=True)
+    torch.testing.assert_close(flat_params(tr), two_steps, atol=1e-5, rtol=1e-5)
+    report["resume"] = {"max_param_diff_resumed_sharded": float((multi["resumed_sharded"] - two_steps).abs().max())}
     (tmp_path / "report.json").write_text(json.dumps(report))

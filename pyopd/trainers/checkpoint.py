@@ -136,8 +136,12 @@ def clean_temp(out_dir: Path, log: Log = None) -> list[Path]:
 
 
 def save_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict[str, Any],
-                    keep_last: int = 2, log: Log = None) -> Path:
+                    keep_last: int = 2, log: Log = None,
+                    weights: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write ``out_dir/checkpoint-<step>`` atomically; keep the ``keep_last`` newest.
+
+    ``weights``: the full state dict to write instead of ``model``'s own (a
+    sharded model's, gathered by `pyopd.trainers.sharding.full_model_state`).
 
     ``state`` must be plain data (see `to_plain`; numpy values are converted,
     anything else is a TypeError before anything is written); ``step`` and the
@@ -150,7 +154,10 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict[str,
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".checkpoint-{step}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if weights is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(full, tmp / STATE)
@@ -263,7 +270,12 @@ def load_weights(model, ckpt: Path, sd: Optional[dict[str, torch.Tensor]] = None
     if missing or unexpected or bad_shape:
         raise CheckpointError(f"{ckpt}: does not match the model: missing {missing}, "
                               f"unexpected {unexpected}, wrong shape {bad_shape}")
-    model.load_state_dict(sd, strict=False)
+    from pyopd.trainers import sharding
+
+    if sharding.is_sharded(model):  # each rank keeps its shard of the full tensors
+        sharding.load_full_model_state(model, sd)
+    else:
+        model.load_state_dict(sd, strict=False)
 
 
 def _rank() -> int:

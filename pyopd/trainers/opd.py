@@ -54,6 +54,7 @@ from pyopd.objectives import (
     slice_rows,
 )
 from pyopd.trainers import checkpoint as ckpt_io
+from pyopd.trainers import sharding
 from pyopd.trainers.records import JsonlLog
 from pyopd.trainers.rollout import (
     Rollouts,
@@ -119,8 +120,13 @@ class OPDTrainer:
         if cfg.prompts_per_step % self.world:
             raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number "
                              f"of processes ({self.world}): each rank samples an equal share")
+        # FSDP: every forward is a collective, so every rank evaluates (rank 0 reports).
+        self.sharded = bool(cfg.fsdp) and self.world > 1
+        if cfg.fsdp and self.world == 1:
+            log("[pyopd] --fsdp with one process: nothing to shard, the model stays whole")
         if self.rank != 0:  # rank 0 alone reports, evaluates and writes
-            log, progress, evaluate = (lambda *_: None), False, None
+            log, progress = (lambda *_: None), False
+            evaluate = evaluate if self.sharded else None
         if not teachers:
             raise ValueError("teachers must name at least one teacher model")
         v = student.get_output_embeddings().weight.shape[0]
@@ -144,11 +150,29 @@ class OPDTrainer:
             reference.eval().requires_grad_(False)
         for t in self.teachers.values():
             t.eval().requires_grad_(False)
+        self.fused_mode = cfg.fused_linear
+        if self.sharded:
+            self._shard_models(log)
         self.out_dir = Path(cfg.out_dir)
         self.opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.step = 0
         self.history: list[dict] = []
+
+    def _shard_models(self, log) -> None:
+        """FSDP2 over all ranks (see pyopd/trainers/sharding.py for what changes)."""
+        if self.fused_mode == "on":
+            log("[pyopd] --fsdp: the fused-linear path reads the sharded lm_head outside the "
+                "model's forward; using materialised logits")
+        self.fused_mode = "off"
+        sharding.shard(self.student)
+        if self.reference is not None:
+            sharding.shard(self.reference)
+        if len(self.teachers) == 1:  # every rank scores all its rows with it: same forwards
+            sharding.shard(next(iter(self.teachers.values())))
+        else:
+            log(f"[pyopd] --fsdp: {len(self.teachers)} routed teachers score different numbers of "
+                "rows per rank, so they stay whole on every rank; the student is sharded")
 
     # ------------------------------------------------------------------ schedule
 
@@ -164,11 +188,21 @@ class OPDTrainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self) -> Path:
-        state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint (rank 0). Sharded: every rank must call it (the full weights
+        and optimizer state are gathered), the others return None."""
+        weights = None
+        if self.sharded:
+            weights = sharding.full_model_state(self.student)
+            optim = sharding.full_optimizer_state(self.student, self.opt)
+            if self.rank != 0:
+                return None
+        else:
+            optim = self.opt.state_dict()
+        state = {"optimizer": optim, "scheduler": self.sched.state_dict(),
                  "history": self.history, "config": asdict(self.cfg)}
         return ckpt_io.save_checkpoint(self.out_dir, self.step, self.student, self.tok, state,
-                                       keep_last=self.cfg.keep_last, log=self.log)
+                                       keep_last=self.cfg.keep_last, log=self.log, weights=weights)
 
     def resume(self) -> Optional[Path]:
         """Load the newest checkpoint under out_dir that loads completely, if any; returns its path.
@@ -181,7 +215,8 @@ class OPDTrainer:
         if found is None:
             return None
         path, state = found
-        self.opt.load_state_dict(state["optimizer"])
+        # by index (a replicated run) or by name (a sharded one): either loads into either
+        sharding.load_optimizer_state(self.student, self.opt, state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -218,7 +253,7 @@ class OPDTrainer:
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                              top_p=cfg.top_p)
         pad, T = self.tok.pad_token_id, cfg.temperature
-        sk = dict(micro_batch=cfg.micro_batch, temperature=T, fused=cfg.fused_linear, log=self.log)
+        sk = dict(micro_batch=cfg.micro_batch, temperature=T, fused=self.fused_mode, log=self.log)
         old = score(self.student, ro.prompt_ids, ro, pad, **sk)
         row_teacher = [batch.teachers[g] for g in ro.group.tolist()]
         unknown = sorted(set(row_teacher) - set(self.teachers))
@@ -261,7 +296,7 @@ class OPDTrainer:
                 inputs = layout([ro.prompt_ids[i] for i in micro.tolist()], ro.response[micro],
                                 ro.mask[micro], pad)
                 head = linear_head(self.student, inputs, self.log) \
-                    if wants_fused(cfg.fused_linear, micro.numel(), r, self.student) else None
+                    if wants_fused(self.fused_mode, micro.numel(), r, self.student) else None
                 out = dict(hidden=response_hidden(self.student, inputs, r), head=head, logits=None,
                            teacher_parts_fn=(lambda micro=micro: self._teacher_parts(sc, micro, r))
                            if obj.needs_teacher_logits else None) \
@@ -284,9 +319,10 @@ class OPDTrainer:
                     # micro-batch losses share the denominator: they sum to the mini-batch loss
                     share = 1.0 / cfg.mini_batches if k == "loss" else micro.numel() / ro.size
                     micro_metrics[k] = micro_metrics.get(k, 0.0) + v * share
-            if self.world > 1:
+            if self.world > 1 and not self.sharded:  # FSDP sums them in its reduce-scatter
                 self._sum_gradients_across_ranks()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+            grad_norm = sharding.full_tensor(
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm))
             if not torch.isfinite(grad_norm):
                 raise NonFiniteError(self._nonfinite("gradient norm", float(grad_norm)))
             self.opt.step()
@@ -391,6 +427,11 @@ class OPDTrainer:
         resumed = self.resume() if resume else None
         log = JsonlLog(self.out_dir / "metrics.jsonl", resume_step=self.step if resumed else None,
                        log=self.log) if self.rank == 0 else None
+        if self.sharded:  # evaluating is collective: all ranks skip it if rank 0 has the result
+            given = torch.tensor([float(initial_eval is not None)])
+            torch.distributed.all_reduce(given, op=torch.distributed.ReduceOp.MAX)
+            if given.item() and initial_eval is None:
+                initial_eval = {}
         if resumed is None and self.evaluate is not None:
             first = initial_eval if initial_eval is not None else self.evaluate(self.student)
             rec = {"step": 0, **{f"eval/{k}": v for k, v in first.items()}}
@@ -426,7 +467,8 @@ class OPDTrainer:
                 shown["tok/s"] = f"{tokens / max(seconds, 1e-9):.0f}"  # total tokens / total time
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-            if self.rank == 0 and cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
+            if (self.rank == 0 or self.sharded) and cfg.save_every and (
+                    self.step % cfg.save_every == 0 or self.step == cfg.steps):
                 with no_progress_bars():
                     self.save()
         if bar is not None:
