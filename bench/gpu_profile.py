@@ -80,6 +80,46 @@ def fixed_cost(lines):
     lines.append("")
 
 
+def kernel_times(lines):
+    """Device time of each kernel of one reverse_kl forward + backward at the benchmark
+    shapes (torch.profiler), against the bytes the kernel must move: what the kernels
+    reach without the host's share of a call."""
+    lines += ["## Kernel time at the benchmark shapes", "",
+              "| shape | kernel | calls | device ms | GB moved | GB/s |", "|---|---|---|---|---|---|"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, v, dt in ((8192, 151936, torch.bfloat16), (4096, 32768, torch.float32)):
+        s = (torch.randn(n, v, device="cuda", generator=g) * 2).to(dt)
+        t = (torch.randn(n, v, device="cuda", generator=g) * 2).to(dt)
+        y = torch.randint(0, v, (n,), device="cuda", generator=g)
+        x = s.clone().requires_grad_()
+
+        def fb():
+            r = pyopd.reverse_kl(x, t, y)
+            (r.kl.sum() + 0.01 * r.student_entropy.sum() - r.student_logprob.sum()).backward()
+            x.grad = None
+
+        for _ in range(3):
+            fb()
+        torch.cuda.synchronize()
+        reps = 5
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fb()
+            torch.cuda.synchronize()
+        e = s.element_size()
+        for a in sorted(prof.key_averages(), key=lambda a: -a.device_time_total):
+            if "vocab_stats" not in a.key:
+                continue
+            ms = a.device_time_total / 1e3 / reps
+            # forward reads student + teacher; backward reads both and writes the gradient
+            gb = n * v * e * (3 if "bwd" in a.key else 2) / 1e9
+            lines.append(f"| N={n} V={v} {str(dt)[6:]} | `{a.key[:60]}` | {a.count // reps} | "
+                         f"{ms:.3f} | {gb:.2f} | {gb / (ms / 1e3):.0f} |")
+        del s, t, x
+        torch.cuda.empty_cache()
+    lines.append("")
+
+
 def _peak(fn):
     fn()
     torch.cuda.synchronize()
@@ -144,7 +184,7 @@ def chunk_sweep(lines):
 def main(out):
     lines = [f"# GPU profile: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"pyopd {pyopd.build_info()}", ""]
-    for part in (fixed_cost, chunk_sweep):
+    for part in (fixed_cost, kernel_times, chunk_sweep):
         try:
             part(lines)
         except Exception as e:  # noqa: BLE001
