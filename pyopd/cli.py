@@ -66,9 +66,10 @@ def _help_for(f, command: str) -> str:
     return f"{text} ({dflt}{allowed})".replace("%", "%%")
 
 
-def _add_config_args(p: argparse.ArgumentParser, command: str) -> dict:
-    """One flag per config field the command uses; unset flags stay out of the namespace."""
-    groups: dict[str, Any] = {}
+def _add_config_args(p: argparse.ArgumentParser, command: str, groups: Optional[dict] = None) -> dict:
+    """One flag per config field the command uses; unset flags stay out of the namespace.
+    ``groups``: argument groups that already exist (by name), so their fields join them."""
+    groups = dict(groups or {})
     for f in fields(C.OPDConfig):
         meta = f.metadata
         if not meta.get("flag", True) or command not in meta["commands"]:
@@ -132,10 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", default="demo", choices=("tiny", "demo"),
                    help="size of the built-in task models (default %(default)s)")
     g.add_argument("--multi-teacher", action="store_true",
-                   help="route each sample to its family's specialist teacher")
+                   help="the same as --setting multi")
     g.add_argument("--losses", default="opd,fire,rkl,fire-rkl",
                    help="objectives to compare, each from the same start (default %(default)s)")
-    _add_run_args(p, _add_config_args(p, "fire-opd"))
+    _add_run_args(p, _add_config_args(p, "fire-opd", {"demo": g}))
 
     p = sub.add_parser("copsd", help="COPSD: the demo, or a run with real models",
                        description="COPSD: Cross-SFT cold start of the teacher, then on-policy distillation "
@@ -384,6 +385,10 @@ def _run_fire_opd(args) -> int:
         raise UsageError(f"--losses: unknown objectives {bad}; pick from {list(known)}")
     if "loss" in vars(args):
         raise UsageError("--loss names the objective of a real-model run; the demo compares --losses")
+    if args.multi_teacher:
+        if vars(args).get("setting", "multi") != "multi":
+            raise UsageError(f"--multi-teacher is --setting multi; it contradicts --setting {args.setting}")
+        args.setting = "multi"
     cfg = _config("fire-opd", args, demo=True)
     for name in losses:
         get_objective(name)  # imports the registry (torch) only now
@@ -392,12 +397,15 @@ def _run_fire_opd(args) -> int:
     from pyopd.demo.fire_opd import run_demo
 
     run_demo(cfg, losses=losses, scale=args.scale, out=Path(cfg.out_dir), cache_dir=args.cache_dir,
-             multi_teacher=args.multi_teacher, progress=not args.no_progress and _rank() == 0,
+             progress=not args.no_progress and _rank() == 0,
              resume=args.resume, log=_say)
     return 0
 
 
 def _run_fire_opd_real(args) -> int:
+    if "setting" in vars(args) or args.multi_teacher:
+        raise UsageError("--setting/--multi-teacher choose the built-in demo's teachers; with real models "
+                         "give --teacher (and --teacher2)")
     cfg = _config("fire-opd", args, demo=False)
     student_dir = _check_model_dir("--student", args.student)
     teacher_dir = _check_model_dir("--teacher", args.teacher)

@@ -22,6 +22,7 @@ from typing import Any, Optional
 BOTH = ("fire-opd", "copsd")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 PRESETS = ("paper", "released")
+FIRE_OPD_SETTINGS = ("single", "strong-to-weak", "multi")  # pyopd.demo.fire_opd.SETTINGS
 
 
 def option(default: Any, help: str, *, lo: Optional[float] = None, hi: Optional[float] = None,
@@ -75,6 +76,10 @@ class OPDConfig:
                                 hi=1e4, commands=("copsd",), nargs=2)
     reward_bonus: float = option(0.02, "COPSD: per-token reward bonus", lo=-10.0, hi=10.0,
                                  commands=("copsd",))
+    setting: str = option("single", "built-in demo: 'single' (the teacher is the student's architecture "
+                          "trained further), 'strong-to-weak' (a 3.3x larger teacher) or 'multi' (two "
+                          "specialist teachers, each prompt routed to its own); not for real models",
+                          choices=FIRE_OPD_SETTINGS, commands=("fire-opd",), group="demo")
     # ---- optimisation
     lr: float = option(1e-4, "AdamW learning rate", lo=0.0, lo_open=True, hi=1.0,
                        group="optimisation")

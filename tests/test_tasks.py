@@ -232,8 +232,8 @@ def test_prepare_builds_then_loads_from_cache(tiny_cache, monkeypatch: pytest.Mo
     cache, first, logs = tiny_cache
     assert first.built and any("building" in m for m in logs)
     assert prep.verify_entry(first.root) is None
-    assert set(first.teacher_dirs) == {"arith", "strings", "mixed"}
-    assert set(first.metrics) == {"student", "arith", "strings", "mixed"}
+    assert set(first.teacher_dirs) == {"same", "arith", "strings", "mixed"}
+    assert set(first.metrics) == {"student", "same", "arith", "strings", "mixed"}
     calls = _count_training(monkeypatch)
     logs2: list[str] = []
     second = prepare_models("tiny", cache_dir=cache, log=logs2.append)
@@ -377,7 +377,7 @@ def test_prepare_only_the_models_a_setting_uses(tmp_path):
     p = prepare_models(scale="tiny", cache_dir=tmp_path, seed=0, log=None, models=("mixed",))
     assert sorted(p.teacher_dirs) == ["mixed"] and p.student_dir.is_dir()
     full = prepare_models(scale="tiny", cache_dir=tmp_path, seed=0, log=None)
-    assert sorted(full.teacher_dirs) == ["arith", "mixed", "strings"]
+    assert sorted(full.teacher_dirs) == ["arith", "mixed", "same", "strings"]
     assert recipe_key("tiny", 0) == recipe_key("tiny", 0, None) != recipe_key("tiny", 0, ("mixed",))
     # a model's training does not depend on which others were prepared with it
     a = (p.student_dir / "model.safetensors").read_bytes()
@@ -385,3 +385,41 @@ def test_prepare_only_the_models_a_setting_uses(tmp_path):
     assert a == b
     with pytest.raises(KeyError, match="no models"):
         prepare_models(scale="tiny", cache_dir=tmp_path, seed=0, log=None, models=("nobody",))
+
+
+def test_teacher_trained_further_starts_from_the_student(tmp_path, monkeypatch):
+    """init_from: the 'same' teacher continues the trained student (it is in the cache key)."""
+    starts = {}
+    real = prep.train_sft
+
+    def spy(model, *args, **kwargs):
+        starts[len(starts)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(prep, "train_sft", spy)
+    p = prepare_models("tiny", cache_dir=tmp_path, seed=0, log=None, models=("same",))
+    assert sorted(p.teacher_dirs) == ["same"]
+    from safetensors.torch import load_file
+
+    student = load_file(p.student_dir / "model.safetensors")
+    teacher_start = starts[1]  # the second model trained is the teacher, starting from the student
+    for k, v in student.items():
+        assert torch.equal(teacher_start[k], v), k
+    with pytest.raises(ValueError, match="init_from"):
+        prep.Scale(models=(prep.ModelRecipe("same", "mixed", prep.ModelSpec(), 1, init_from="student"),))
+    with pytest.raises(ValueError, match="same ModelSpec"):
+        prep.Scale(models=(prep.ModelRecipe("student", "mixed", prep.ModelSpec(), 1),
+                           prep.ModelRecipe("same", "mixed", prep.ModelSpec(hidden_size=64), 1,
+                                            init_from="student")))
+
+
+def test_dev_and_eval_splits_are_disjoint_and_held_out_of_training() -> None:
+    from pyopd.demo.fire_opd import splits
+
+    for scale in ("tiny", "demo"):
+        task, test, dev = splits(scale)
+        assert len(test) == prep.SCALES[scale].eval_n
+        assert not {e.prompt for e in test} & {e.prompt for e in dev}
+        held = set(prep.held_out_prompts(scale))
+        assert {e.prompt for e in test} <= held and {e.prompt for e in dev} <= held
+    assert len(splits("demo")[2]) == prep.SCALES["demo"].dev_n

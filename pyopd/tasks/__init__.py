@@ -15,7 +15,7 @@ family; specialists 0.34M (vocab 112) and a 1.1M generalist (vocab 112) at
 from __future__ import annotations
 
 from pyopd.tasks.arithmetic import ArithmeticTask
-from pyopd.tasks.base import EVAL_SEED, Example, Task, final_answer
+from pyopd.tasks.base import DEV_SEED, EVAL_SEED, Example, Task, final_answer
 from pyopd.tasks.models import ModelSpec, build_model
 from pyopd.tasks.prepare import SCALES, Prepared, default_cache_dir, prepare_models
 from pyopd.tasks.recipe import evaluate, generate, train_sft
@@ -25,7 +25,7 @@ from pyopd.tasks.strings import StringTask
 from pyopd.tasks.tokenizer import build_tokenizer
 
 __all__ = [
-    "CONSTITUTION", "EVAL_SEED", "REFUSAL", "SCALES", "TASKS",
+    "CONSTITUTION", "DEV_SEED", "EVAL_SEED", "REFUSAL", "SCALES", "TASKS",
     "ArithmeticTask", "Example", "MixedTask", "ModelSpec", "Prepared", "SafetyTask", "StringTask", "Task",
     "build_model", "build_tokenizer", "default_cache_dir", "evaluate", "final_answer", "generate",
     "get_task", "is_refusal", "prepare_models", "safety_report", "train_sft", "with_constitution",

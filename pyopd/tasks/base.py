@@ -16,6 +16,7 @@ from typing import Union
 from pyopd.tasks.tokenizer import EOS, PAD
 
 EVAL_SEED = 1234  # seed of every family's fixed held-out eval set
+DEV_SEED = 4321  # seed of the dev split (recipe choices are made on it, never on the eval set)
 RngLike = Union[random.Random, int, None]
 
 
@@ -102,6 +103,11 @@ class Task(abc.ABC):
     def eval_set(self, n: int = 256, seed: int = EVAL_SEED) -> list[Example]:
         """A fixed held-out set: the same ``n`` examples for the same seed."""
         return self.sample(n, random.Random(f"{self.name}/eval/{seed}"))
+
+    def dev_set(self, n: int = 256, exclude: Collection[str] = (), seed: int = DEV_SEED) -> list[Example]:
+        """A fixed dev split: ``n`` examples drawn apart from the eval set's stream, none in ``exclude``
+        (pass the eval prompts, so the two splits share no prompt)."""
+        return self.sample(n, random.Random(f"{self.name}/dev/{seed}"), exclude=frozenset(exclude))
 
     def max_new_tokens(self, margin: int = 8) -> int:
         """A generation budget: the longest eval-set answer (+ ``<eos>``) plus ``margin`` tokens."""

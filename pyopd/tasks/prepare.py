@@ -51,6 +51,7 @@ class ModelRecipe:
     batch_size: int = 64
     lr: float = 1e-3
     task_args: tuple[tuple[str, object], ...] = ()
+    init_from: Optional[str] = None  # start from this (earlier) model's trained weights: "trained further"
 
     def make_task(self) -> Task:
         return get_task(self.task, **dict(self.task_args))
@@ -63,6 +64,18 @@ class Scale:
     models: tuple[ModelRecipe, ...]
     eval_n: int = 256
     eval_tasks: tuple[str, ...] = ("arith", "strings")  # reported accuracies (held out of SFT)
+    dev_n: int = 0  # a dev split (seed DEV_SEED, disjoint from the eval split), also held out of SFT
+
+    def __post_init__(self) -> None:
+        seen: dict[str, ModelRecipe] = {}
+        for m in self.models:
+            if m.init_from is not None:
+                base = seen.get(m.init_from)
+                if base is None:
+                    raise ValueError(f"{m.name}: init_from={m.init_from!r} must name a model listed before it")
+                if base.spec != m.spec:
+                    raise ValueError(f"{m.name}: init_from={m.init_from!r} needs the same ModelSpec")
+            seen[m.name] = m
 
 
 def _scales() -> dict[str, Scale]:
@@ -77,22 +90,27 @@ def _scales() -> dict[str, Scale]:
         # mixed-task models see arithmetic twice as often.
         "demo": Scale(
             models=(
-                ModelRecipe("student", "mixed", student, steps=250, task_args=(("weights", (2.0, 1.0)),)),
+                ModelRecipe("student", "mixed", student, steps=500, task_args=(("weights", (2.0, 1.0)),)),
+                ModelRecipe("same", "mixed", student, steps=1000, lr=5e-4, task_args=(("weights", (2.0, 1.0)),),
+                            init_from="student"),
                 ModelRecipe("arith", "arith", specialist, steps=600),
                 ModelRecipe("strings", "strings", specialist, steps=350),
                 ModelRecipe("mixed", "mixed", big, steps=600, task_args=(("weights", (2.0, 1.0)),)),
             ),
-            eval_n=256,
+            eval_n=1024,
+            dev_n=512,
         ),
         # Seconds, for tests: the models are untrained and their accuracy is meaningless.
         "tiny": Scale(
             models=(
                 ModelRecipe("student", "mixed", tiny_s, steps=2, batch_size=8),
+                ModelRecipe("same", "mixed", tiny_s, steps=2, batch_size=8, init_from="student"),
                 ModelRecipe("arith", "arith", tiny_t, steps=2, batch_size=8),
                 ModelRecipe("strings", "strings", tiny_t, steps=2, batch_size=8),
                 ModelRecipe("mixed", "mixed", tiny_t, steps=2, batch_size=8),
             ),
             eval_n=8,
+            dev_n=8,
         ),
         # COPSD: one rule-following base model (it is the initial student, and with the
         # constitution in context the OPSD teacher). Its accuracy on the bare-prompt safety
@@ -131,7 +149,11 @@ def _selected(scale: str, models: Optional[Sequence[str]]) -> tuple:
     unknown = sorted(set(models) - {m.name for m in every})
     if unknown:
         raise KeyError(f"scale {scale!r} has no models {unknown}; it has {[m.name for m in every]}")
-    return tuple(m for m in every if m.name == "student" or m.name in models)
+    wanted = {"student", *models}
+    for m in reversed(every):  # a model trained further from another needs that one too
+        if m.name in wanted and m.init_from is not None:
+            wanted.add(m.init_from)
+    return tuple(m for m in every if m.name in wanted)
 
 
 def recipe_key(scale: str, seed: int, models: Optional[Sequence[str]] = None) -> str:
@@ -141,12 +163,16 @@ def recipe_key(scale: str, seed: int, models: Optional[Sequence[str]] = None) ->
         "version": RECIPE_VERSION,
         "scale": scale,
         "seed": seed,
-        "models": [asdict(m) for m in chosen],
+        # (init_from only when set: the keys of recipes without it are unchanged)
+        "models": [{k: v for k, v in asdict(m).items() if not (k == "init_from" and v is None)}
+                   for m in chosen],
         "eval_n": SCALES[scale].eval_n,
         "eval_tasks": list(SCALES[scale].eval_tasks),
         "tasks": {m.name: m.make_task().config() for m in chosen},
         "vocab": sorted(VOCAB.items(), key=lambda kv: kv[1]),
     }
+    if SCALES[scale].dev_n:
+        recipe["dev_n"] = SCALES[scale].dev_n
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -200,6 +226,7 @@ def prepare_models(
     log: Log | None = print,
     num_threads: int | None = None,
     models: Optional[Sequence[str]] = None,
+    progress: bool = False,
 ) -> Prepared:
     """Return the cached student/teachers for (``scale``, ``seed``), training them first if needed.
 
@@ -210,7 +237,8 @@ def prepare_models(
     ``models``: prepare only these teachers (and the student), e.g. ``("mixed",)``
     for the single-teacher demo: a model training never done that a run does not use.
     Each model's training depends only on (scale, seed, its recipe), so a model
-    is the same whichever subset it was prepared with.
+    is the same whichever subset it was prepared with.  ``progress``: a progress bar
+    over the training steps of the models being built (instead of log lines).
     """
     if scale not in SCALES:
         raise KeyError(f"unknown scale {scale!r}; known: {sorted(SCALES)}")
@@ -231,7 +259,7 @@ def prepare_models(
         try:
             if num_threads is not None:
                 torch.set_num_threads(num_threads)
-            _build(tmp, scale, seed, key, say, _selected(scale, models))
+            _build(tmp, scale, seed, key, say, _selected(scale, models), progress=progress)
             _install(tmp, final, key, replace_valid=rebuild)
         finally:
             torch.set_num_threads(threads)
@@ -242,7 +270,21 @@ def prepare_models(
 # ---------------------------------------------------------------- building
 
 
-def _build(out: Path, scale: str, seed: int, key: str, say: Log, recipes: Optional[tuple] = None) -> None:
+def held_out_prompts(scale: str) -> list[str]:
+    """Prompts no model of ``scale`` is trained on: each eval family's eval split and dev split."""
+    sc = SCALES[scale]
+    out: list[str] = []
+    for name in sc.eval_tasks:
+        task = get_task(name)
+        ev = [e.prompt for e in task.eval_set(sc.eval_n // len(sc.eval_tasks))]
+        out += ev
+        if sc.dev_n:
+            out += [e.prompt for e in task.dev_set(sc.dev_n // len(sc.eval_tasks), exclude=ev)]
+    return out
+
+
+def _build(out: Path, scale: str, seed: int, key: str, say: Log, recipes: Optional[tuple] = None,
+           progress: bool = False) -> None:
     """Train the models of ``scale`` (``recipes``: a subset) and write the entry (manifest last) into ``out``."""
     recipes = SCALES[scale].models if recipes is None else recipes
     t_start = time.perf_counter()
@@ -251,17 +293,31 @@ def _build(out: Path, scale: str, seed: int, key: str, say: Log, recipes: Option
     tokenizer.save_pretrained(out / "tokenizer")
     families = {name: get_task(name) for name in SCALES[scale].eval_tasks}
     evals = {name: task.eval_set(SCALES[scale].eval_n // len(families)) for name, task in families.items()}
-    held_out = [e.prompt for ev in evals.values() for e in ev]
+    held_out = held_out_prompts(scale)
     metrics: dict[str, dict] = {}
+    trained: dict[str, PreTrainedModel] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(r.steps for r in recipes), desc="preparing models", unit="step",
+                   dynamic_ncols=True, leave=True)
     for recipe in recipes:
         t0 = time.perf_counter()
         model_seed = zlib.crc32(f"{seed}/{recipe.name}".encode())
         model = build_model(recipe.spec, tokenizer, seed=model_seed)
+        start = ""
+        if recipe.init_from is not None:
+            model.load_state_dict(trained[recipe.init_from].state_dict())
+            start = f", from the trained {recipe.init_from}"
         say(f"[pyopd.tasks] training {recipe.name} ({num_params(model) / 1e6:.2f}M params, "
-            f"vocab {model.config.vocab_size}) on {recipe.task} for {recipe.steps} steps")
+            f"vocab {model.config.vocab_size}{start}) on {recipe.task} for {recipe.steps} steps")
+        if bar is not None:
+            bar.set_postfix_str(recipe.name)
         losses = train_sft(
             model, tokenizer, recipe.make_task(), recipe.steps, batch_size=recipe.batch_size,
-            lr=recipe.lr, seed=model_seed, exclude=held_out, log=say, log_every=max(1, recipe.steps // 4),
+            lr=recipe.lr, seed=model_seed, exclude=held_out, log=None if bar is not None else say,
+            log_every=max(1, recipe.steps // 4), tick=None if bar is None else (lambda: bar.update(1)),
         )
         train_s = time.perf_counter() - t0
         acc = {name: evaluate(model, tokenizer, families[name], evals[name]) for name in families}
@@ -270,12 +326,19 @@ def _build(out: Path, scale: str, seed: int, key: str, say: Log, recipes: Option
             "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
             "train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - t0 - train_s, 2),
         }
-        say(f"[pyopd.tasks]   {recipe.name}: greedy accuracy "
-            + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + f" ({train_s:.1f}s)")
+        line = (f"[pyopd.tasks]   {recipe.name}: greedy accuracy "
+                + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + f" ({train_s:.1f}s)")
+        if bar is not None:
+            bar.write(line)
+        else:
+            say(line)
         model_dir = out / _model_dirname(recipe.name)
         with no_progress_bars():
             model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
+        trained[recipe.name] = model
+    if bar is not None:
+        bar.close()
     files = {str(p.relative_to(out).as_posix()): _file_info(p) for p in sorted(out.rglob("*")) if p.is_file()}
     manifest = {
         "version": RECIPE_VERSION, "key": key, "scale": scale, "seed": seed,

@@ -33,8 +33,11 @@ def train_sft(
     exclude: Sequence[str] = (),
     log: Log | None = None,
     log_every: int = 100,
+    tick: Callable[[], None] | None = None,
 ) -> list[float]:
-    """Train on fresh ``task`` samples for ``steps`` AdamW steps (warmup + cosine); returns losses."""
+    """Train on fresh ``task`` samples for ``steps`` AdamW steps (warmup + cosine); returns losses.
+
+    ``tick``: called after every step (a progress bar's update)."""
     rng = random.Random(f"sft/{task.name}/{seed}")
     excluded = frozenset(exclude)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -48,6 +51,8 @@ def train_sft(
             yield [(e.prompt, e.answer) for e in task.sample(batch_size, rng, exclude=excluded)]
 
     def on_step(step: int, losses: list[float], elapsed: float) -> None:
+        if tick is not None:
+            tick()
         if log is not None and step % log_every == 0:
             recent = losses[-log_every:]
             log(f"  step {step}/{steps} loss {sum(recent) / len(recent):.4f} ({elapsed:.1f}s)")

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from pyopd.tasks.arithmetic import ArithmeticTask
-from pyopd.tasks.base import EVAL_SEED, Example, Task
+from pyopd.tasks.base import DEV_SEED, EVAL_SEED, Example, Task
 from pyopd.tasks.rules import RuleFollowingTask
 from pyopd.tasks.safety import SafetyTask
 from pyopd.tasks.strings import StringTask
@@ -56,6 +56,12 @@ class MixedTask(Task):
         k = len(self.tasks)
         sizes = [n // k + (i < n % k) for i in range(k)]
         return [e for task, m in zip(self.tasks.values(), sizes) for e in task.eval_set(m, seed)]
+
+    def dev_set(self, n: int = 256, exclude: Collection[str] = (), seed: int = DEV_SEED) -> list[Example]:
+        """The families' own dev splits, ``n`` split evenly, concatenated in family order."""
+        k = len(self.tasks)
+        sizes = [n // k + (i < n % k) for i in range(k)]
+        return [e for task, m in zip(self.tasks.values(), sizes) for e in task.dev_set(m, exclude, seed)]
 
 
 TASKS: dict[str, Callable[..., Task]] = {
