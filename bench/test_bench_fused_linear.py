@@ -10,9 +10,15 @@ states and lm_head weight through the same loss (kl + 0.01 H - log p(y)):
   eager              log_softmax of both (float32), KL sum, autograd (pyopd.ops.reverse_kl_ref)
   liger (CUDA only)  LigerFusedLinearJSD(jsd_beta=1), its own mean-KL loss
 
-Every provider is checked against pyopd on the first 64 rows before it is
-timed. Recorded per case: median time of forward + backward, peak extra memory
-of one forward + backward (CPU: resident-set high-water mark, which includes
+and two that differentiate the KL term alone (loss = kl.sum()), since the
+gradient-in-forward op takes a loss linear in the KL:
+  pyopd-loss             pyopd.fused_linear_reverse_kl_loss with coef = 1 (4 matmuls, no recompute)
+  pyopd-materialised-kl  pyopd.reverse_kl(h @ W.T, ht @ Wt.T).kl.sum(), autograd through the matmul
+
+Every provider is checked before it is timed, on the first 64 rows: against
+pyopd, or (the two kl-only providers) against each other. Recorded per case:
+median time of forward + backward, peak extra memory of one forward +
+backward (CPU: resident-set high-water mark, which includes
 the returned gradients; CUDA: max_memory_allocated) and the bytes of those
 gradients, so the extra memory beyond them can be read off.
 
@@ -44,7 +50,10 @@ else:
     SHAPES = [(8192, 4096, 151936, torch.bfloat16)]
     ROUNDS = 10
 
-PROVIDERS = ["pyopd", "pyopd-materialised", "eager"] + (["liger"] if DEVICE == "cuda" else [])
+PROVIDERS = (["pyopd", "pyopd-materialised", "eager", "pyopd-loss", "pyopd-materialised-kl"]
+             + (["liger"] if DEVICE == "cuda" else []))
+# The provider each one is checked against (the same loss); pyopd is the default.
+CHECK_AGAINST = {"pyopd-loss": "pyopd-materialised-kl", "pyopd-materialised-kl": "pyopd-loss"}
 
 
 def _shape_id(shape) -> str:
@@ -99,6 +108,13 @@ def _fwd_bwd(provider, s_h, s_w, t_h, t_w, y):
         with torch.no_grad():
             t_logits = t_h @ t_w.T
         loss = _loss(pyopd.reverse_kl(x @ w.T, t_logits, y))
+    elif provider == "pyopd-loss":
+        coef = torch.ones(y.shape, device=y.device)
+        loss, _ = pyopd.fused_linear_reverse_kl_loss(x, w, t_h, t_w, coef, y)
+    elif provider == "pyopd-materialised-kl":
+        with torch.no_grad():
+            t_logits = t_h @ t_w.T
+        loss = pyopd.reverse_kl(x @ w.T, t_logits, y).kl.sum()
     elif provider == "eager":
         with torch.no_grad():
             t_logits = t_h @ t_w.T
@@ -124,7 +140,7 @@ def test_fused_linear_reverse_kl_fwd_bwd(benchmark, provider, shape):
         theirs, _, _ = _fwd_bwd(provider, *sl)
         torch.testing.assert_close(theirs.float(), ours.float(), rtol=2e-2, atol=2e-2)
     elif provider != "pyopd":
-        ours = _fwd_bwd("pyopd", *sl)
+        ours = _fwd_bwd(CHECK_AGAINST.get(provider, "pyopd"), *sl)
         theirs = _fwd_bwd(provider, *sl)
         torch.testing.assert_close(theirs[0].float(), ours[0].float(), rtol=1e-3, atol=1e-1)
         for a, b in zip(theirs[1:], ours[1:]):

@@ -41,7 +41,8 @@ def cuda_status() -> CudaStatus:
 # `import pyopd.cli` (and `pyopd -h`) stays fast and torch-free.
 _OPS = (
     "FireWeights", "GroupAdvantages", "ReverseKL", "TokenStats", "TrajectoryFilter", "TrajectoryScores",
-    "fire_token_weights", "fused_linear_reverse_kl", "fused_linear_token_stats", "group_advantages",
+    "fire_token_weights", "fused_linear_reverse_kl", "fused_linear_reverse_kl_loss",
+    "fused_linear_token_stats", "group_advantages",
     "reverse_kl", "reverse_kl_backward", "token_stats", "trajectory_filter", "trajectory_scores",
 )
 _SUBMODULES = ("losses", "objectives", "ops", "presets", "trainers", "config")
@@ -76,6 +77,7 @@ __all__ = [
     "cuda_status",
     "fire_token_weights",
     "fused_linear_reverse_kl",
+    "fused_linear_reverse_kl_loss",
     "fused_linear_token_stats",
     "group_advantages",
     "losses",

@@ -24,6 +24,7 @@ from pyopd.ops.fused_linear import (
     fused_linear_token_stats,
     fused_linear_token_stats_ref,
 )
+from pyopd.ops.fused_linear_loss import fused_linear_reverse_kl_loss
 
 __all__ = [
     "FireWeights",
@@ -35,6 +36,7 @@ __all__ = [
     "fire_token_weights",
     "fire_token_weights_ref",
     "fused_linear_reverse_kl",
+    "fused_linear_reverse_kl_loss",
     "fused_linear_reverse_kl_ref",
     "fused_linear_token_stats",
     "fused_linear_token_stats_ref",
