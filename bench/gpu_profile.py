@@ -184,7 +184,13 @@ def chunk_sweep(lines):
 def main(out):
     lines = [f"# GPU profile: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"pyopd {pyopd.build_info()}", ""]
-    for part in (fixed_cost, kernel_times, chunk_sweep):
+    import os
+
+    parts = (fixed_cost, kernel_times, chunk_sweep)
+    wanted = os.environ.get("PYOPD_PROFILE_PARTS")  # e.g. "fixed_cost,kernel_times"
+    if wanted:
+        parts = tuple(p for p in parts if p.__name__ in wanted.split(","))
+    for part in parts:
         try:
             part(lines)
         except Exception as e:  # noqa: BLE001

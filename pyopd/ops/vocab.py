@@ -148,9 +148,15 @@ def _vocab_stats_fwd(
     tokens: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
     inv_temperature: float,
+    check_tokens: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """student [N, V], teacher [N, Vt] or None, tokens int64 [N] or None, mask bool [N] or None.
+
+    check_tokens (CUDA): the kernel flags an id outside [0, V) on an unmasked row and
+    a device-side assert fires (the public functions ask for it; the CPU raises in
+    Python before). Without it, such an id gives a log-prob of 0 (< 0) or NaN (>= V),
+    never a read outside the row.
 
     Returns kl, student_entropy, teacher_entropy, student_logprob, teacher_logprob,
     student_lse, teacher_lse (each [N]) and stats [N, 4] = (m_s, logZ_s, m_t, logZ_t).
@@ -174,7 +180,7 @@ def _vocab_stats_fwd(
         outs[1].data_ptr(), outs[3].data_ptr(), outs[5].data_ptr())
     p.stats = stats.data_ptr()
     token_ok = None
-    if tokens is not None and student.device.type == "cuda":
+    if check_tokens and tokens is not None and student.device.type == "cuda":
         # The kernel clears this flag for an id outside [0, V) on an unmasked row;
         # the assert fires asynchronously (a device-side error), like
         # torch._assert_async, without waiting for the device.
@@ -188,7 +194,7 @@ def _vocab_stats_fwd(
 
 
 @_vocab_stats_fwd.register_fake
-def _(student, teacher, tokens, mask, inv_temperature):
+def _(student, teacher, tokens, mask, inv_temperature, check_tokens=False):
     n = student.shape[0]
     od = _out_dtype(student)
     outs = [student.new_empty(n, dtype=od) for _ in range(7)]
@@ -241,7 +247,7 @@ def _(student, teacher, tokens, mask, stats, kl, student_entropy, grad_kl, grad_
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, tokens, mask, inv_temperature = inputs
+    student, teacher, tokens, mask, inv_temperature = inputs[:5]
     kl, hs, ht, _lps, lpt, _lses, lset, stats = output
     ctx.mark_non_differentiable(ht, lpt, lset, stats)  # the teacher is never differentiated
     # Unused outputs reach backward as None, not as zero tensors: no fill kernels
@@ -254,11 +260,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_kl, g_hs, _g_ht, g_lps, _g_lpt, g_lses, _g_lset, _g_stats):
     student, teacher, tokens, mask, stats, kl, hs = ctx.saved_tensors
     if all(g is None for g in (g_kl, g_hs, g_lps, g_lses)) or not ctx.needs_input_grad[0]:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     grad = _vocab_stats_bwd(student, teacher, tokens, mask, stats, kl, hs,
                             g_kl if teacher is not None else None, g_lps, g_hs, g_lses,
                             ctx.inv_temperature, student.dtype)
-    return grad, None, None, None, None
+    return grad, None, None, None, None, None
 
 
 torch.library.register_autograd("pyopd::vocab_stats_fwd", _backward, setup_context=_setup_context)
@@ -343,7 +349,7 @@ def token_stats(
     Use it to score a teacher and free its logits before the student's exist.
     """
     lead, rows, _, tokens, mask, inv_t = _prepare(logits, None, tokens, mask, temperature, False)
-    _kl, hs, _ht, lps, _lpt, lses, _lset, _stats = _vocab_stats_fwd(rows, None, tokens, mask, inv_t)
+    _kl, hs, _ht, lps, _lpt, lses, _lset, _stats = _vocab_stats_fwd(rows, None, tokens, mask, inv_t, True)
     return TokenStats(logprob=lps.view(lead), entropy=hs.view(lead), lse=lses.view(lead))
 
 
@@ -390,7 +396,7 @@ def reverse_kl(
     """
     lead, s_rows, t_rows, tokens, mask, inv_t = _prepare(
         student_logits, teacher_logits, tokens, mask, temperature, True)
-    kl, hs, ht, lps, lpt, lses, lset, _stats = _vocab_stats_fwd(s_rows, t_rows, tokens, mask, inv_t)
+    kl, hs, ht, lps, lpt, lses, lset, _stats = _vocab_stats_fwd(s_rows, t_rows, tokens, mask, inv_t, True)
     return ReverseKL(kl=kl.view(lead), student_entropy=hs.view(lead), teacher_entropy=ht.view(lead),
                      student_logprob=lps.view(lead), teacher_logprob=lpt.view(lead),
                      student_lse=lses.view(lead), teacher_lse=lset.view(lead))
@@ -433,7 +439,7 @@ def reverse_kl_backward(
         g = _checks.leading(name, g, lead, student_logits.device, "grad")
         ups.append(None if g is None else g.reshape(-1))
     with torch.no_grad():
-        kl, hs, ht, lps, lpt, lses, lset, stats = _vocab_stats_fwd(s_rows, t_rows, tokens, mask, inv_t)
+        kl, hs, ht, lps, lpt, lses, lset, stats = _vocab_stats_fwd(s_rows, t_rows, tokens, mask, inv_t, True)
         grad = _vocab_stats_bwd(s_rows, t_rows, tokens, mask, stats, kl, hs, *ups, None, inv_t, gd)
     grad = grad.view(student_logits.shape)
     if has_teacher:
