@@ -401,7 +401,7 @@ class OPDTrainer:
         idx = sc["batch"].teacher_index[micro]
         outs, vmax = {}, 0
         for k in idx.unique().tolist():
-            rows = micro[idx == k]
+            rows = micro[(idx == k).to(micro.device)]  # micro: CPU row ids; idx: the model's device
             inputs = layout([sc["teacher_prompt_ids"][i] for i in rows.tolist()], ro.response[rows],
                             ro.mask[rows], self.tok.pad_token_id)
             outs[k] = response_logits(self.teachers[self.teacher_names[k]], inputs, r)
