@@ -208,8 +208,11 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # The built-in demos: small budgets for 2 CPU cores (max_new_tokens comes from the task).
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fire-opd": dict(steps=60, prompts_per_step=16, n=4, lr=3e-4, eval_every=15, save_every=15,
-                     micro_batch=32, out_dir="runs/fire-opd-demo"),
+    # Chosen on the dev split (bench/results/demo/sweep-2026-11-28.md): plain OPD has no group
+    # baseline, so one sample from each of many prompts; the largest budget that stays under
+    # 5 minutes on 2 cores once the models are cached.
+    "fire-opd": dict(steps=60, prompts_per_step=256, n=1, lr=3e-4, warmup_steps=6, lr_schedule="cosine",
+                     eval_every=20, save_every=20, micro_batch=64, out_dir="runs/fire-opd-demo"),
     "copsd": dict(steps=60, prompts_per_step=16, n=4, lr=5e-4, eval_every=15, save_every=15,
                   micro_batch=24, dual_clip=3.0, out_dir="runs/copsd-demo"),
 }

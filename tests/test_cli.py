@@ -82,7 +82,7 @@ def test_demo_flags_reach_the_trainer(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "run_demo", fake_run)
     with pytest.raises(Stop):
         cli.main(["fire-opd", "--micro-batch", "8", "--lr", "2e-4", "--out", str(tmp_path / "o")])
-    assert seen[0].micro_batch == 8 and seen[0].lr == 2e-4 and seen[0].steps == 60
+    assert seen[0].micro_batch == 8 and seen[0].lr == 2e-4 and seen[0].steps == C.DEMO_DEFAULTS["fire-opd"]["steps"]
 
     import pyopd.demo.copsd as cdemo
 

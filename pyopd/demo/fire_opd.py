@@ -178,12 +178,25 @@ def make_prompt_source(task, teacher_for, exclude=()):
 
 def run_demo(cfg: OPDConfig, losses=("opd", "fire"), scale: str = "demo", out: Path = Path("runs/demo"),
              cache_dir: Optional[str] = None, setting: Optional[str] = None, progress: bool = True,
-             resume: bool = False, split: str = "test", log=print) -> dict:
+             resume: bool = False, split: str = "test", num_threads: Optional[int] = 1, log=print) -> dict:
     """Train one copy of the student per objective in ``losses`` with ``cfg`` (used as given).
 
     ``setting``: one of `SETTINGS` (default ``cfg.setting``).  ``split``: "test" (the eval
     split, what the demo reports) or "dev" (for choosing a recipe; never choose on "test").
+    ``num_threads``: torch threads for the whole run (restored after; None: leave as is). The
+    models are tiny: on the shared 2-core machine a training step took 0.5-1 s with one thread
+    and 7-20 s with two while another process was busy.
     """
+    threads = torch.get_num_threads()
+    try:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        return _run_demo(cfg, losses, scale, out, cache_dir, setting, progress, resume, split, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(cfg, losses, scale, out, cache_dir, setting, progress, resume, split, log) -> dict:
     from pyopd.objectives import get_objective
     from pyopd.tasks.prepare import prepare_models
 

@@ -85,17 +85,19 @@ def _scales() -> dict[str, Scale]:
     tiny_s = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, max_positions=128)
     tiny_t = ModelSpec(hidden_size=48, num_layers=1, num_heads=2, max_positions=128, vocab_size=TEACHER_VOCAB)
     return {
-        # A 0.34M-param student trained briefly; two specialists of the same shape trained longer;
-        # a 1.1M-param generalist teacher.  Strings are learnt faster than arithmetic, so the
-        # mixed-task models see arithmetic twice as often.
+        # A 0.34M-param student trained briefly (500 steps); teachers for the three FiRe-OPD
+        # settings: "same" continues the student's SFT for 1000 more steps (single teacher),
+        # "mixed" is a 1.1M-param generalist (strong-to-weak), "arith"/"strings" are specialists
+        # of the student's shape (multi-teacher).  The mixed-task models see arithmetic twice as
+        # often.  eval_n / dev_n: the demo's eval and dev splits, both held out of every SFT.
         "demo": Scale(
             models=(
                 ModelRecipe("student", "mixed", student, steps=500, task_args=(("weights", (2.0, 1.0)),)),
                 ModelRecipe("same", "mixed", student, steps=1000, lr=5e-4, task_args=(("weights", (2.0, 1.0)),),
                             init_from="student"),
                 ModelRecipe("arith", "arith", specialist, steps=600),
-                ModelRecipe("strings", "strings", specialist, steps=350),
-                ModelRecipe("mixed", "mixed", big, steps=600, task_args=(("weights", (2.0, 1.0)),)),
+                ModelRecipe("strings", "strings", specialist, steps=600),
+                ModelRecipe("mixed", "mixed", big, steps=1000, task_args=(("weights", (2.0, 1.0)),)),
             ),
             eval_n=1024,
             dev_n=512,
@@ -214,7 +216,8 @@ class Prepared:
         return self.load_model("student", dtype)
 
     def load_teacher(self, name: str = "mixed", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-        """A teacher: ``mixed`` (bigger, both families) or a specialist ``arith`` / ``strings``."""
+        """A teacher: ``same`` (the student's SFT continued), ``mixed`` (bigger, both families) or a
+        specialist ``arith`` / ``strings`` (the scale decides which exist)."""
         return self.load_model(name, dtype)
 
 
