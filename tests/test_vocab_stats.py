@@ -599,3 +599,33 @@ def test_out_of_range_token_fires_a_device_assert_on_cuda(bad):
     assert "masked id ignored" in proc.stdout, proc.stderr
     assert proc.returncode != 0 and "not reached" not in proc.stdout
     assert "tokens must lie in [0, 10)" in proc.stderr or "assert" in proc.stderr.lower(), proc.stderr
+
+
+def test_eager_calls_skip_the_op_dispatcher_and_traced_ones_use_the_ops():
+    # Eager calls on plain tensors run the same implementation through a plain
+    # autograd.Function (less host time a call); fake tensors (tracing) must go
+    # through the custom ops, whose fake kernels give the shapes.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    s, t, y = _ok()
+    x = s.clone().requires_grad_()
+    with Seen() as seen:
+        r = pyopd.reverse_kl(x, t, y)
+        r.kl.sum().backward()
+    assert not any(op.startswith("pyopd.") for op in seen.ops), seen.ops
+    ref = reverse_kl_ref(s.double().requires_grad_(), t.double(), y, compute_dtype=torch.float64)
+    assert_close(r.kl.detach(), ref.kl.detach(), atol=1e-5, rtol=1e-5)
+    with FakeTensorMode() as mode:
+        fs, ft, fy = (mode.from_tensor(v) for v in (s, t, y))
+        fr = pyopd.reverse_kl(fs, ft, fy)
+        assert fr.kl.shape == r.kl.shape and fr.kl.dtype == r.kl.dtype

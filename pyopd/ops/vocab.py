@@ -83,7 +83,7 @@ def _(tokens, mask, vocab):
 
 def _check_token_range(tokens: torch.Tensor, mask: Optional[torch.Tensor], vocab: int) -> torch.Tensor:
     """int64 [N] token ids; raises (CPU) / asserts on the device (CUDA) if an unmasked id is out of range."""
-    if torch.compiler.is_compiling():
+    if not _plain(tokens, mask):  # traced or fake: the check runs inside the graph
         return _checked_tokens(tokens, mask, vocab)
     # Eager: the same check without the op dispatcher (~0.1 ms a call on a busy CPU).
     return _token_check_impl(tokens, mask, vocab, copy=False)
@@ -257,17 +257,54 @@ def _setup_context(ctx, inputs, output):
     ctx.inv_temperature = inv_temperature
 
 
-def _backward(ctx, g_kl, g_hs, _g_ht, g_lps, _g_lpt, g_lses, _g_lset, _g_stats):
+def _backward(ctx, g_kl, g_hs, _g_ht, g_lps, _g_lpt, g_lses, _g_lset, _g_stats, bwd=None):
     student, teacher, tokens, mask, stats, kl, hs = ctx.saved_tensors
     if all(g is None for g in (g_kl, g_hs, g_lps, g_lses)) or not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
-    grad = _vocab_stats_bwd(student, teacher, tokens, mask, stats, kl, hs,
-                            g_kl if teacher is not None else None, g_lps, g_hs, g_lses,
-                            ctx.inv_temperature, student.dtype)
+    grad = (bwd or _vocab_stats_bwd)(student, teacher, tokens, mask, stats, kl, hs,
+                                     g_kl if teacher is not None else None, g_lps, g_hs, g_lses,
+                                     ctx.inv_temperature, student.dtype)
     return grad, None, None, None, None, None
 
 
 torch.library.register_autograd("pyopd::vocab_stats_fwd", _backward, setup_context=_setup_context)
+
+
+# Eager calls skip the op dispatcher: the same implementation functions, wrapped
+# in a plain autograd.Function (measured on the CPU: 69 us of host time for a
+# tiny forward + backward against 196 us through the custom op; on a GPU that
+# host time is what a small call waits for). Under torch.compile the custom
+# ops above are what gets traced.
+
+
+class _VocabStatsEager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, tokens, mask, inv_temperature, check_tokens):
+        out = _vocab_stats_fwd._init_fn(student, teacher, tokens, mask, inv_temperature, check_tokens)
+        _setup_context(ctx, (student, teacher, tokens, mask, inv_temperature), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads, bwd=_vocab_stats_bwd._init_fn)
+
+
+def _plain(*xs) -> bool:
+    """Eager, on plain tensors: not traced (torch.compile), not fake, functional or
+    a functorch wrapper (vmap, grad), where only the custom ops work."""
+    if torch.compiler.is_compiling():
+        return False
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda _x: False)
+    return all(x is None or (type(x) is torch.Tensor and not wrapped(x)) for x in xs)
+
+
+def _fwd(*xs):
+    """The forward for these inputs: the eager Function on plain tensors, else the custom op."""
+    return _VocabStatsEager.apply if _plain(*xs) else _vocab_stats_fwd
+
+
+def _bwd(*xs):
+    return _vocab_stats_bwd._init_fn if _plain(*xs) else _vocab_stats_bwd
 
 
 # ---------------------------------------------------------------------------
@@ -349,7 +386,7 @@ def token_stats(
     Use it to score a teacher and free its logits before the student's exist.
     """
     lead, rows, _, tokens, mask, inv_t = _prepare(logits, None, tokens, mask, temperature, False)
-    _kl, hs, _ht, lps, _lpt, lses, _lset, _stats = _vocab_stats_fwd(rows, None, tokens, mask, inv_t, True)
+    _kl, hs, _ht, lps, _lpt, lses, _lset, _stats = _fwd(rows, tokens, mask)(rows, None, tokens, mask, inv_t, True)
     return TokenStats(logprob=lps.view(lead), entropy=hs.view(lead), lse=lses.view(lead))
 
 
@@ -396,7 +433,8 @@ def reverse_kl(
     """
     lead, s_rows, t_rows, tokens, mask, inv_t = _prepare(
         student_logits, teacher_logits, tokens, mask, temperature, True)
-    kl, hs, ht, lps, lpt, lses, lset, _stats = _vocab_stats_fwd(s_rows, t_rows, tokens, mask, inv_t, True)
+    kl, hs, ht, lps, lpt, lses, lset, _stats = _fwd(s_rows, t_rows, tokens, mask)(
+        s_rows, t_rows, tokens, mask, inv_t, True)
     return ReverseKL(kl=kl.view(lead), student_entropy=hs.view(lead), teacher_entropy=ht.view(lead),
                      student_logprob=lps.view(lead), teacher_logprob=lpt.view(lead),
                      student_lse=lses.view(lead), teacher_lse=lset.view(lead))
@@ -439,8 +477,9 @@ def reverse_kl_backward(
         g = _checks.leading(name, g, lead, student_logits.device, "grad")
         ups.append(None if g is None else g.reshape(-1))
     with torch.no_grad():
-        kl, hs, ht, lps, lpt, lses, lset, stats = _vocab_stats_fwd(s_rows, t_rows, tokens, mask, inv_t, True)
-        grad = _vocab_stats_bwd(s_rows, t_rows, tokens, mask, stats, kl, hs, *ups, None, inv_t, gd)
+        kl, hs, ht, lps, lpt, lses, lset, stats = _fwd(s_rows, t_rows, tokens, mask)(
+            s_rows, t_rows, tokens, mask, inv_t, True)
+        grad = _bwd(s_rows, t_rows, *ups)(s_rows, t_rows, tokens, mask, stats, kl, hs, *ups, None, inv_t, gd)
     grad = grad.view(student_logits.shape)
     if has_teacher:
         res = ReverseKL(kl=kl.view(lead), student_entropy=hs.view(lead),
