@@ -183,20 +183,26 @@ def test_released_preset_through_the_objectives_equals_the_presets_module(loss):
     torch.testing.assert_close(g_ours, g_want, atol=1e-9, rtol=1e-7)
 
 
-@pytest.mark.parametrize("loss", ["rkl", "fire", "copsd"])
+@pytest.mark.parametrize("loss", ["rkl", "fire-rkl", "fire", "copsd"])
 def test_fused_linear_path_equals_the_logits_path(prepared, task, tmp_path, loss):
     """By default the trainer scores and differentiates from hidden states + lm_head weight
-    (no [tokens, vocab] logits); the result equals the materialised-logits path."""
+    (no [tokens, vocab] logits); the result equals the materialised-logits path, with the
+    gradient recomputed in backward ('on') or taken in the forward ('grad-in-forward')."""
     runs = {}
-    for fused in ("on", "off"):
+    for fused in ("on", "grad-in-forward", "off"):
         tr = _trainer(prepared, task, tmp_path / f"{loss}-{fused}", loss=loss, steps=1, save_every=0,
                       fused_linear=fused, dual_clip=3.0 if loss == "copsd" else None)
         hist = tr.train()
         runs[fused] = (hist[-1], [p.detach().clone() for p in tr.student.parameters()])
-    (m1, p1), (m0, p0) = runs["on"], runs["off"]
-    assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-4, abs=1e-6)
-    for a, b in zip(p1, p0):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    m0, p0 = runs["off"]
+    for fused in ("on", "grad-in-forward"):
+        m1, p1 = runs[fused]
+        assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-4, abs=1e-6), fused
+        for key in ("kl_mean", "weight_mean", "student_entropy_mean"):
+            if key in m0:
+                assert m1[key] == pytest.approx(m0[key], rel=1e-4, abs=1e-6), (fused, key)
+        for a, b in zip(p1, p0):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=fused)
 
 
 def test_fused_auto_threshold(prepared):

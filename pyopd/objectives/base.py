@@ -90,6 +90,9 @@ class MicroBatch:
     head: Optional[object] = None           # the student's linear head (weight [V, H], bias)
     # [(rows of this micro-batch, teacher hidden [k, T, Ht], teacher head)] per teacher, or None
     teacher_parts_fn: Optional[Callable[[], Optional[list]]] = None
+    # fused path: the loss's gradient taken in the forward pass where the objective can
+    # (`pyopd.fused_linear_reverse_kl_loss`; --fused-linear grad-in-forward)
+    grad_in_forward: bool = False
     _logprob: Optional[torch.Tensor] = None
 
     def logprob(self) -> torch.Tensor:

@@ -155,11 +155,12 @@ FUSED_AUTO_BYTES = 256 << 20  # 'auto': fuse when a micro-batch's float32 logits
 
 
 def wants_fused(mode, rows: int, r: int, model) -> bool:
-    """Whether to use the fused-linear path for ``rows`` x ``r`` tokens of ``model`` (mode on/off/auto).
+    """Whether to use the fused-linear path for ``rows`` x ``r`` tokens of ``model``
+    (mode on/grad-in-forward/off/auto).
 
     ``True``/``False`` are accepted as on/off.
     """
-    if mode in (True, "on"):
+    if mode in (True, "on", "grad-in-forward"):
         return True
     if mode in (False, "off"):
         return False
