@@ -73,6 +73,7 @@ from pyopd.ops.fused_linear import (
     _check_chunk_size,
     _check_linear,
     _check_rows,
+    _check_teacher,
     _chunks,
     _logits,
     _out_dtype,
@@ -255,29 +256,6 @@ torch.library.register_autograd("pyopd::fused_linear_rkl_loss", _backward,
 # ---------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------
-
-
-def _check_teacher(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_bias,
-                   lead):
-    dev = student_hidden.device
-    v, vt = student_weight.shape[0], teacher_weight.shape[0]
-    if tuple(teacher_hidden.shape[:-1]) != lead:
-        raise ValueError(f"teacher_hidden leading dims {tuple(teacher_hidden.shape[:-1])} do not "
-                         f"match student_hidden {lead}")
-    if teacher_hidden.device != dev:
-        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {dev}")
-    if vt < v:
-        raise ValueError(f"teacher_weight has fewer rows ({vt}) than student_weight ({v}); the "
-                         "teacher must cover every student id (Vt >= V)")
-    if (student_hidden.dtype == torch.float64) != (teacher_hidden.dtype == torch.float64):
-        raise TypeError("float64 needs both student_hidden and teacher_hidden in float64 "
-                        f"(got {student_hidden.dtype} and {teacher_hidden.dtype})")
-    if torch.is_grad_enabled():
-        for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                        ("teacher_bias", teacher_bias)):
-            if x is not None and x.requires_grad:
-                raise ValueError(f"{name} requires grad, but pyopd never differentiates the "
-                                 f"teacher; pass {name}.detach()")
 
 
 def _check_coef(coef: object, lead: tuple, device: torch.device) -> torch.Tensor:
