@@ -272,6 +272,10 @@ def _run_demo(cfg, losses, scale, out, cache_dir, setting, progress, resume, spl
             "tokens_per_s": sum(h["tokens"] for h in steps) / max(1e-9, sum(h["step_s"] for h in steps)),
             "wall_s": wall,
             "final_eval": {k: v for k, v in full[name].items() if not k.startswith("_")},
+            # (the keys tools/summarize_runs.py reads)
+            **{f"{when}{suffix}": ev.get(key) for when, ev in (("before", full["student (start)"]),
+                                                                ("after", full[name]))
+               for suffix, key in (("", "accuracy"), (f"_avg@{K}", f"avg@{K}"), (f"_pass@{K}", f"pass@{K}"))},
         }
     if not main_rank:
         return {}
@@ -283,6 +287,7 @@ def _run_demo(cfg, losses, scale, out, cache_dir, setting, progress, resume, spl
     summary = {"scale": scale, "setting": setting, "split": split, "seed": base.seed,
                "eval_seed": eval_seed(base.seed), "eval_prompts": len(examples), "k": K,
                "teachers": teacher_names, "headline": f"avg@{K}", "rows": rows,
+               "teacher_accuracy": {t: full[f"teacher {t}"]["accuracy"] for t in teacher_names},
                "paired": paired_table(per_prompt, trained),
                "prepare_s": t_prep, "total_s": time.time() - t_start, "results": results,
                "config": vars(base)}
@@ -375,7 +380,7 @@ def combine_seeds(dirs: Sequence[Path]) -> dict:
     for s, pp in runs[1:]:
         if pp["prompts"] != first[1]["prompts"] or s["setting"] != first[0]["setting"]:
             raise ValueError("runs to combine must share the setting and the eval prompts")
-    names = [n for n in first[1]["rows"] if all(n in pp["rows"] for _, pp in runs)]
+    names = [n for n in first[0]["rows"] if all(n in pp["rows"] for _, pp in runs)]  # start, teachers, ...
     pooled = {n: {m: [sum(vals) / len(runs) for vals in zip(*(pp["rows"][n][m] for _, pp in runs))]
                   for m in ("avg", "greedy")} for n in names}
     rows = {n: {"headline": sum(v["avg"]) / len(v["avg"]), "headline_se": _mean_se(v["avg"]),
