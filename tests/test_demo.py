@@ -52,6 +52,12 @@ def test_settings_use_their_teachers(tmp_path, setting, teachers):
     _, summary = _run(tmp_path, setting, "--losses", "opd", "--setting", setting)
     assert summary["setting"] == setting and summary["teachers"] == teachers
     assert {f"teacher {t}" for t in teachers} <= set(summary["rows"])
+    if setting == "multi":  # the teacher the student learns from: each prompt's own specialist
+        assert "teachers (routed)" in summary["rows"] and "teachers (routed) - student (start)" not in summary["paired"]
+        from pyopd.demo.fire_opd import routed
+
+        assert routed([[0.1, 0.2], [0.3, 0.4]], [[1, 0], [0, 1]], ["arith", "strings"], ["strings", "arith"]) \
+            == ([0.3, 0.2], [0, 0])
 
 
 def test_setting_flags_are_checked(tmp_path, capsys):

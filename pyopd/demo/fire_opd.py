@@ -279,7 +279,14 @@ def _run_demo(cfg, losses, scale, out, cache_dir, setting, progress, resume, spl
         }
     if not main_rank:
         return {}
-    rows = {n: _row(full[n]) for n in ["student (start)"] + [f"teacher {t}" for t in teacher_names]}
+    teacher_rows = [f"teacher {t}" for t in teacher_names]
+    if spec.routed:  # each specialist row covers every prompt; the routed row is the teacher the student has
+        fam = [e.family for e in examples]
+        full[ROUTED] = _evaluation(*routed([full[f"teacher {f}"]["_avg"] for f in teacher_names],
+                                           [full[f"teacher {f}"]["_greedy"] for f in teacher_names],
+                                           teacher_names, fam), fam)
+        teacher_rows.append(ROUTED)
+    rows = {n: _row(full[n]) for n in ["student (start)"] + teacher_rows}
     rows.update({NAMES.get(loss, loss): _row(full[NAMES.get(loss, loss)], keep_ratio=r["keep_ratio"],
                                              tokens_per_s=r["tokens_per_s"]) for loss, r in results.items()})
     per_prompt = {n: {"avg": ev["_avg"], "greedy": ev["_greedy"]} for n, ev in full.items()}
@@ -288,6 +295,7 @@ def _run_demo(cfg, losses, scale, out, cache_dir, setting, progress, resume, spl
                "eval_seed": eval_seed(base.seed), "eval_prompts": len(examples), "k": K,
                "teachers": teacher_names, "headline": f"avg@{K}", "rows": rows,
                "teacher_accuracy": {t: full[f"teacher {t}"]["accuracy"] for t in teacher_names},
+               "families": sorted({e.family for e in examples}),
                "paired": paired_table(per_prompt, trained),
                "prepare_s": t_prep, "total_s": time.time() - t_start, "results": results,
                "config": vars(base)}
@@ -313,6 +321,30 @@ def _run_demo(cfg, losses, scale, out, cache_dir, setting, progress, resume, spl
         log(f"[pyopd] curves: {plot}")
     log(f"[pyopd] summary: {out / 'summary.json'} (total {summary['total_s']:.0f}s)")
     return summary
+
+
+ROUTED = "teachers (routed)"
+
+
+def routed(avgs, greedys, teacher_names, families):
+    """Per-prompt (avg, greedy) of the routed teacher: each prompt takes its family's teacher's values."""
+    pick = {t: i for i, t in enumerate(teacher_names)}
+    avg = [avgs[pick[f]][i] for i, f in enumerate(families)]
+    greedy = [greedys[pick[f]][i] for i, f in enumerate(families)]
+    return avg, greedy
+
+
+def _evaluation(avg, greedy, families) -> dict:
+    """An evaluation dict (as `make_evaluator` returns) from per-prompt avg@k and greedy results."""
+    n = len(avg)
+    res = {"accuracy": sum(greedy) / n, "accuracy_se": _binomial_se(greedy),
+           f"avg@{K}": sum(avg) / n, f"avg@{K}_se": _mean_se(avg),
+           f"pass@{K}": sum(a > 0 for a in avg) / n, f"pass@{K}_se": _binomial_se([a > 0 for a in avg]),
+           "_avg": list(avg), "_greedy": list(greedy)}
+    for fam in sorted(set(families)):
+        idx = [i for i, f in enumerate(families) if f == fam]
+        res[f"accuracy_{fam}"] = sum(greedy[i] for i in idx) / len(idx)
+    return res
 
 
 NAMES = {"opd": "OPD", "fire": "FiRe-OPD", "rkl": "full-vocab RKL", "fire-rkl": "FiRe + full RKL",
@@ -380,13 +412,23 @@ def combine_seeds(dirs: Sequence[Path]) -> dict:
     for s, pp in runs[1:]:
         if pp["prompts"] != first[1]["prompts"] or s["setting"] != first[0]["setting"]:
             raise ValueError("runs to combine must share the setting and the eval prompts")
-    names = [n for n in first[0]["rows"] if all(n in pp["rows"] for _, pp in runs)]  # start, teachers, ...
+    if SETTINGS[first[0]["setting"]].routed:  # runs made before the routed row existed: compose it
+        for s, pp in runs:
+            t = s["teachers"]
+            if ROUTED not in pp["rows"]:
+                a, g = routed([pp["rows"][f"teacher {x}"]["avg"] for x in t],
+                              [pp["rows"][f"teacher {x}"]["greedy"] for x in t], t, pp["families"])
+                pp["rows"][ROUTED] = {"avg": a, "greedy": g}
+            if ROUTED not in s["rows"]:
+                s["rows"][ROUTED] = {}
+    names = [n for n in first[0]["rows"] if all(n in pp["rows"] for _, pp in runs)]
+    names.sort(key=lambda n: 0 if n == "student (start)" else 1 if n.startswith("teacher") else 2)  # stable
     pooled = {n: {m: [sum(vals) / len(runs) for vals in zip(*(pp["rows"][n][m] for _, pp in runs))]
                   for m in ("avg", "greedy")} for n in names}
     rows = {n: {"headline": sum(v["avg"]) / len(v["avg"]), "headline_se": _mean_se(v["avg"]),
                 "greedy": sum(v["greedy"]) / len(v["greedy"]), "greedy_se": _mean_se(v["greedy"])}
             for n, v in pooled.items()}
-    trained = [n for n in names if n != "student (start)" and not n.startswith("teacher ")]
+    trained = [n for n in names if n != "student (start)" and not n.startswith("teacher")]
     return {"setting": first[0]["setting"], "seeds": [s["seed"] for s, _ in runs],
             "eval_prompts": len(first[1]["prompts"]), "k": first[0].get("k", K), "rows": rows,
             "paired": paired_table(pooled, trained),
