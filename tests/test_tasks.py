@@ -417,7 +417,7 @@ def test_dev_and_eval_splits_are_disjoint_and_held_out_of_training() -> None:
     from pyopd.demo.fire_opd import splits
 
     for scale in ("tiny", "demo"):
-        task, test, dev = splits(scale)
+        _, test, dev = splits(scale)
         assert len(test) == prep.SCALES[scale].eval_n
         assert not {e.prompt for e in test} & {e.prompt for e in dev}
         held = set(prep.held_out_prompts(scale))
