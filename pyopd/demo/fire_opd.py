@@ -67,11 +67,6 @@ def splits(scale: str = "demo"):
     return task, test, dev
 
 
-def eval_examples(scale: str = "demo"):
-    task, test, _ = splits(scale)
-    return task, test
-
-
 def default_max_new_tokens() -> int:
     """The demo's response budget: the longest eval or dev answer in tokens, plus 4."""
     from pyopd.tasks.tokenizer import build_tokenizer
