@@ -165,3 +165,22 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     torch.testing.assert_close(flat_params(tr), two_steps, atol=1e-5, rtol=1e-5)
     report["resume"] = {"max_param_diff_resumed_sharded": float((multi["resumed_sharded"] - two_steps).abs().max())}
     (tmp_path / "report.json").write_text(json.dumps(report))
+
+
+def test_sharding_a_model_twice_keeps_the_first_sharding(tmp_path, prepared):
+    # The demo trains one objective after another with the same teacher object:
+    # the second trainer must not shard it again (fully_shard refuses a second call).
+    from pyopd.trainers import sharding
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        m = prepared.load_teacher("mixed")
+        blocks = sharding.block_modules(m)
+        assert len(blocks) == m.config.num_hidden_layers and not sharding.is_sharded(m)
+        assert sharding.shard(m) is m and sharding.is_sharded(m)
+        assert all(isinstance(b, FSDPModule) for b in blocks)  # each block is its own unit
+        assert sharding.shard(m) is m  # no error, same model
+    finally:
+        dist.destroy_process_group()

@@ -54,7 +54,8 @@ def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
-    """Shard ``model`` in place with FSDP2 over all ranks (or ``mesh``); returns it.
+    """Shard ``model`` in place with FSDP2 over all ranks (or ``mesh``); returns it
+    (a model sharded already is returned as it is).
 
     Blocks first, then the root (embeddings, final norm, head). Gradients are
     summed over ranks (divide factor 1). The model is marked so that
@@ -64,6 +65,8 @@ def shard(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if is_sharded(model):  # e.g. one teacher shared by several trainers in a row
+        return model
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("FSDP sharding needs torch.distributed initialised (run under torchrun)")
     if mesh is None:
