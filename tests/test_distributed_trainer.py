@@ -184,3 +184,27 @@ def test_sharding_a_model_twice_keeps_the_first_sharding(tmp_path, prepared):
         assert sharding.shard(m) is m  # no error, same model
     finally:
         dist.destroy_process_group()
+
+
+def _prepare_worker(rank: int, world: int, store: str, cache: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from pyopd.tasks.prepare import prepare_models
+
+        for models in (("same",), ("mixed",), None):  # entries built one after another
+            p = prepare_models(scale="tiny", cache_dir=cache, seed=0, log=None, models=models)
+            for name in models or ("same", "mixed"):
+                p.load_teacher(name)
+            p.load_student()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ranks_prepare_an_empty_cache_once_and_all_load_it(tmp_path):
+    # Under torchrun every rank calls prepare_models on the same cache: rank 0 builds,
+    # the others wait and load (two ranks building at once broke a loading rank).
+    mp.start_processes(_prepare_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "cache")),
+                       nprocs=2, start_method="spawn")
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith("tasks-"))
+    assert len(entries) == 3, entries

@@ -245,6 +245,24 @@ def prepare_models(
     """
     if scale not in SCALES:
         raise KeyError(f"unknown scale {scale!r}; known: {sorted(SCALES)}")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Under torchrun rank 0 builds (or verifies) the entry while the others wait,
+        # then they load it: two ranks building one entry at once replaced it under a
+        # rank that was already loading from it.
+        if dist.get_rank() != 0:
+            dist.barrier()
+        try:
+            return _prepare_models(scale, cache_dir, seed, rebuild and dist.get_rank() == 0, log,
+                                   num_threads, models, progress)
+        finally:
+            if dist.get_rank() == 0:
+                dist.barrier()
+    return _prepare_models(scale, cache_dir, seed, rebuild, log, num_threads, models, progress)
+
+
+def _prepare_models(scale, cache_dir, seed, rebuild, log, num_threads, models, progress) -> Prepared:
     say: Log = log or (lambda _msg: None)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
