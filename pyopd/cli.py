@@ -287,7 +287,8 @@ def _barrier() -> None:
 
 
 def _init_distributed() -> bool:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs)."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL for CUDA tensors and gloo
+    for CPU ones on a GPU machine, gloo alone on CPUs)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     import torch
@@ -297,7 +298,9 @@ def _init_distributed() -> bool:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # NCCL for CUDA tensors, gloo for the few CPU ones (metrics, flags): NCCL alone
+        # rejects a collective on a CPU tensor.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return True
 
 
