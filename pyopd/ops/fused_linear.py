@@ -428,6 +428,27 @@ def _check_teacher(student_hidden, student_weight, teacher_hidden, teacher_weigh
                                  f"teacher; pass {name}.detach()")
 
 
+def _prepare_pair(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                  teacher_bias, tokens, mask, temperature, chunk_size):
+    """The checks and row views shared by the two fused-linear reverse-KL ops: (lead dims,
+    student rows [N, H], teacher rows [N, Ht], tokens, mask, temperature, chunk_size or None,
+    the wider of the two hidden dtypes)."""
+    _check_linear("student_hidden", "student_weight", "student_bias",
+                  student_hidden, student_weight, student_bias)
+    _check_linear("teacher_hidden", "teacher_weight", "teacher_bias",
+                  teacher_hidden, teacher_weight, teacher_bias)
+    lead = tuple(student_hidden.shape[:-1])
+    _check_teacher(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_bias, lead)
+    t = _checks.temperature(temperature)
+    chunk = _check_chunk_size(chunk_size)
+    tokens, mask = _prepare_rows(tokens, mask, lead, student_hidden.device, student_weight.shape[0],
+                                 "student_hidden", "student_weight")
+    s_rows = student_hidden.reshape(-1, student_hidden.shape[-1])
+    t_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    wide = max((student_hidden.dtype, teacher_hidden.dtype), key=lambda d: d.itemsize)
+    return lead, s_rows, t_rows, tokens, mask, t, chunk, wide
+
+
 def _check_chunk_size(chunk_size: object) -> Optional[int]:
     if chunk_size is None:
         return None
@@ -504,28 +525,14 @@ def fused_linear_reverse_kl(
         dims. ``kl``, ``student_entropy``, ``student_logprob`` and ``student_lse``
         are differentiable w.r.t. student_hidden, student_weight and student_bias.
     """
-    _check_linear("student_hidden", "student_weight", "student_bias",
-                  student_hidden, student_weight, student_bias)
-    _check_linear("teacher_hidden", "teacher_weight", "teacher_bias",
-                  teacher_hidden, teacher_weight, teacher_bias)
-    lead = tuple(student_hidden.shape[:-1])
-    dev = student_hidden.device
-    v, vt = student_weight.shape[0], teacher_weight.shape[0]
-    _check_teacher(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_bias, lead)
-    t = _checks.temperature(temperature)
-    chunk = _check_chunk_size(chunk_size)
-    tokens, mask = _prepare_rows(tokens, mask, lead, dev, v, "student_hidden", "student_weight")
-    s_rows = student_hidden.reshape(-1, student_hidden.shape[-1])
-    t_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    lead, s_rows, t_rows, tokens, mask, t, chunk, wide = _prepare_pair(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+        tokens, mask, temperature, chunk_size)
     if chunk is None:
-        wide = max(student_hidden.dtype.itemsize, teacher_hidden.dtype.itemsize)
-        chunk = max(1, min(s_rows.shape[0], DEFAULT_CHUNK_BYTES // (max(v, vt) * wide)))
-    kl, hs, ht, lps, lpt, lses, lset, _stats = _fused_fwd(
-        s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias, tokens, mask,
-        1.0 / t, chunk)
-    return ReverseKL(kl=kl.view(lead), student_entropy=hs.view(lead), teacher_entropy=ht.view(lead),
-                     student_logprob=lps.view(lead), teacher_logprob=lpt.view(lead),
-                     student_lse=lses.view(lead), teacher_lse=lset.view(lead))
+        chunk = default_chunk_size(s_rows.shape[0], teacher_weight.shape[0], wide)  # Vt >= V
+    out = _fused_fwd(s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias,
+                     tokens, mask, 1.0 / t, chunk)
+    return ReverseKL._make(x.view(lead) for x in out[:7])
 
 
 def fused_linear_token_stats(

@@ -67,17 +67,13 @@ from typing import Optional
 import torch
 
 import pyopd.ops.vocab  # noqa: F401  (registers torch.ops.pyopd.vocab_stats_fwd / _bwd)
-from pyopd import _checks
 from pyopd.ops.fused_linear import (
     _LOW,
-    _check_chunk_size,
-    _check_linear,
     _check_rows,
-    _check_teacher,
     _chunks,
     _logits,
     _out_dtype,
-    _prepare_rows,
+    _prepare_pair,
     _put,
     _take,
     _valid_rows,
@@ -315,32 +311,17 @@ def fused_linear_reverse_kl_loss(
     live from the forward until the loss's backward (or until the graph is
     freed).
     """
-    _check_linear("student_hidden", "student_weight", "student_bias",
-                  student_hidden, student_weight, student_bias)
-    _check_linear("teacher_hidden", "teacher_weight", "teacher_bias",
-                  teacher_hidden, teacher_weight, teacher_bias)
-    lead = tuple(student_hidden.shape[:-1])
-    dev = student_hidden.device
-    _check_teacher(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_bias, lead)
-    coef = _check_coef(coef, lead, dev)
-    t = _checks.temperature(temperature)
-    chunk = _check_chunk_size(chunk_size)
-    v, vt = student_weight.shape[0], teacher_weight.shape[0]
-    tokens, mask = _prepare_rows(tokens, mask, lead, dev, v, "student_hidden", "student_weight")
-    s_rows = student_hidden.reshape(-1, student_hidden.shape[-1])
-    t_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    lead, s_rows, t_rows, tokens, mask, t, chunk, wide = _prepare_pair(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+        tokens, mask, temperature, chunk_size)
+    coef = _check_coef(coef, lead, student_hidden.device)
     if chunk is None:
-        wide = max((student_hidden.dtype, teacher_hidden.dtype), key=lambda d: d.itemsize)
-        chunk = loss_chunk_size(s_rows.shape[0], max(v, vt), s_rows.shape[1], wide)
+        chunk = loss_chunk_size(s_rows.shape[0], teacher_weight.shape[0], s_rows.shape[1], wide)  # Vt >= V
     coef = coef.reshape(-1).to(_out_dtype(student_hidden)).contiguous()
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and student_hidden.requires_grad
     need_w = grad_on and student_weight.requires_grad
     need_b = grad_on and student_bias is not None and student_bias.requires_grad
-    loss, kl, hs, ht, lps, lpt, lses, lset, _gh, _gw, _gb = _loss_op(
-        s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias, coef, tokens,
-        mask, 1.0 / t, chunk, need_h, need_w, need_b)
-    return loss, ReverseKL(kl=kl.view(lead), student_entropy=hs.view(lead),
-                           teacher_entropy=ht.view(lead), student_logprob=lps.view(lead),
-                           teacher_logprob=lpt.view(lead), student_lse=lses.view(lead),
-                           teacher_lse=lset.view(lead))
+    out = _loss_op(s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias, coef,
+                   tokens, mask, 1.0 / t, chunk, need_h, need_w, need_b)
+    return out[0], ReverseKL._make(x.view(lead) for x in out[1:8])

@@ -433,11 +433,8 @@ def reverse_kl(
     """
     lead, s_rows, t_rows, tokens, mask, inv_t = _prepare(
         student_logits, teacher_logits, tokens, mask, temperature, True)
-    kl, hs, ht, lps, lpt, lses, lset, _stats = _fwd(s_rows, t_rows, tokens, mask)(
-        s_rows, t_rows, tokens, mask, inv_t, True)
-    return ReverseKL(kl=kl.view(lead), student_entropy=hs.view(lead), teacher_entropy=ht.view(lead),
-                     student_logprob=lps.view(lead), teacher_logprob=lpt.view(lead),
-                     student_lse=lses.view(lead), teacher_lse=lset.view(lead))
+    out = _fwd(s_rows, t_rows, tokens, mask)(s_rows, t_rows, tokens, mask, inv_t, True)
+    return ReverseKL._make(x.view(lead) for x in out[:7])
 
 
 def reverse_kl_backward(
@@ -477,14 +474,11 @@ def reverse_kl_backward(
         g = _checks.leading(name, g, lead, student_logits.device, "grad")
         ups.append(None if g is None else g.reshape(-1))
     with torch.no_grad():
-        kl, hs, ht, lps, lpt, lses, lset, stats = _fwd(s_rows, t_rows, tokens, mask)(
-            s_rows, t_rows, tokens, mask, inv_t, True)
+        out = _fwd(s_rows, t_rows, tokens, mask)(s_rows, t_rows, tokens, mask, inv_t, True)
+        kl, hs, stats = out[0], out[1], out[7]
         grad = _bwd(s_rows, t_rows, *ups)(s_rows, t_rows, tokens, mask, stats, kl, hs, *ups, None, inv_t, gd)
     grad = grad.view(student_logits.shape)
+    res = ReverseKL._make(x.view(lead) for x in out[:7])
     if has_teacher:
-        res = ReverseKL(kl=kl.view(lead), student_entropy=hs.view(lead),
-                        teacher_entropy=ht.view(lead), student_logprob=lps.view(lead),
-                        teacher_logprob=lpt.view(lead), student_lse=lses.view(lead),
-                        teacher_lse=lset.view(lead))
         return res, grad
-    return TokenStats(logprob=lps.view(lead), entropy=hs.view(lead), lse=lses.view(lead)), grad
+    return TokenStats(logprob=res.student_logprob, entropy=res.student_entropy, lse=res.student_lse), grad
