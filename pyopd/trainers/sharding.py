@@ -120,6 +120,12 @@ def _names_by_index(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[
     return {i: names[id(p)] for i, p in enumerate(order)}
 
 
+def _rekey(osd: dict[str, Any], key: dict) -> dict[str, Any]:
+    """An optimizer state dict with every parameter key mapped through ``key``."""
+    return {"state": {key[k]: v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [key[p] for p in g["params"]]} for g in osd["param_groups"]]}
+
+
 def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, osd: dict[str, Any]) -> None:
     """Load an optimizer state saved either way (``opt.state_dict()``: parameters by index;
     `full_optimizer_state`: by name) into ``opt``, sharded or not."""
@@ -129,17 +135,10 @@ def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, osd
         if by_index:
             opt.load_state_dict(osd)
             return
-        index = {n: i for i, n in _names_by_index(model, opt).items()}
-        osd = {"state": {index[k]: v for k, v in osd["state"].items()},
-               "param_groups": [{**g, "params": [index[p] for p in g["params"]]}
-                                for g in osd["param_groups"]]}
-        opt.load_state_dict(osd)
+        opt.load_state_dict(_rekey(osd, {n: i for i, n in _names_by_index(model, opt).items()}))
         return
     if by_index:  # saved by a replicated run: name the parameters first
-        name = _names_by_index(model, opt)
-        osd = {"state": {name[k]: v for k, v in osd["state"].items()},
-               "param_groups": [{**g, "params": [name[p] for p in g["params"]]}
-                                for g in osd["param_groups"]]}
+        osd = _rekey(osd, _names_by_index(model, opt))
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, opt, osd, options=_options(True))

@@ -106,18 +106,11 @@ void bwd_rows(const VocabStatsBwdParams& p, int n_slices, int64_t slice_len) {
 
 }  // namespace
 
-// tpr: threads per row (32 or 256); n_slices > 1 splits rows into slices of
-// slice_len ids (done by 256-thread blocks). outs: kl, student_entropy,
-// teacher_entropy, student_logprob, teacher_logprob, student_lse, teacher_lse,
-// stats; token_ok (may be null) is set to 0 for an out-of-range id on an
-// unmasked row. Returns 0, or -1 for an unsupported combination.
-extern "C" int emu_vocab_stats_fwd(const void* student, int sdt, int64_t s_stride, const void* teacher,
-                                   int tdt, int64_t t_stride, const int64_t* tokens, const bool* mask,
-                                   int64_t n_rows, int64_t vocab, int64_t teacher_vocab, double inv_t,
-                                   void* const* outs, int tpr, int n_slices, int64_t slice_len,
-                                   int32_t* token_ok) {
-  VocabStatsFwdParams p;
-  p.token_ok = token_ok;
+// The input fields the forward and backward params share (VocabStatsInputs).
+static void set_inputs(VocabStatsInputs& p, const void* student, int sdt, int64_t s_stride,
+                       const void* teacher, int tdt, int64_t t_stride, const int64_t* tokens,
+                       const bool* mask, int64_t n_rows, int64_t vocab, int64_t teacher_vocab,
+                       double inv_t) {
   p.student = student;
   p.student_dtype = static_cast<DType>(sdt);
   p.student_row_stride = s_stride;
@@ -130,6 +123,22 @@ extern "C" int emu_vocab_stats_fwd(const void* student, int sdt, int64_t s_strid
   p.vocab = vocab;
   p.teacher_vocab = teacher_vocab;
   p.inv_temperature = inv_t;
+}
+
+// tpr: threads per row (32 or 256); n_slices > 1 splits rows into slices of
+// slice_len ids (done by 256-thread blocks). outs: kl, student_entropy,
+// teacher_entropy, student_logprob, teacher_logprob, student_lse, teacher_lse,
+// stats; token_ok (may be null) is set to 0 for an out-of-range id on an
+// unmasked row. Returns 0, or -1 for an unsupported combination.
+extern "C" int emu_vocab_stats_fwd(const void* student, int sdt, int64_t s_stride, const void* teacher,
+                                   int tdt, int64_t t_stride, const int64_t* tokens, const bool* mask,
+                                   int64_t n_rows, int64_t vocab, int64_t teacher_vocab, double inv_t,
+                                   void* const* outs, int tpr, int n_slices, int64_t slice_len,
+                                   int32_t* token_ok) {
+  VocabStatsFwdParams p;
+  p.token_ok = token_ok;
+  set_inputs(p, student, sdt, s_stride, teacher, tdt, t_stride, tokens, mask, n_rows, vocab,
+             teacher_vocab, inv_t);
   p.kl = outs[0];
   p.student_entropy = outs[1];
   p.teacher_entropy = outs[2];
@@ -162,18 +171,8 @@ extern "C" int emu_vocab_stats_bwd(const void* student, int sdt, int64_t s_strid
                                    const void* const* saved, const void* const* grads, void* grad_student,
                                    int gdt, int tpr, int n_slices, int64_t slice_len) {
   VocabStatsBwdParams p;
-  p.student = student;
-  p.student_dtype = static_cast<DType>(sdt);
-  p.student_row_stride = s_stride;
-  p.teacher = teacher;
-  p.teacher_dtype = static_cast<DType>(tdt);
-  p.teacher_row_stride = t_stride;
-  p.tokens = tokens;
-  p.mask = mask;
-  p.n_rows = n_rows;
-  p.vocab = vocab;
-  p.teacher_vocab = teacher_vocab;
-  p.inv_temperature = inv_t;
+  set_inputs(p, student, sdt, s_stride, teacher, tdt, t_stride, tokens, mask, n_rows, vocab,
+             teacher_vocab, inv_t);
   p.stats = saved[0];
   p.kl = saved[1];
   p.student_entropy = saved[2];
