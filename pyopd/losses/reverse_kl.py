@@ -51,6 +51,17 @@ def reverse_kl_loss(
     Metrics: loss, kl_mean (unweighted, over the positions that count),
     weight_mean/min/max (with weights), num_tokens.
     """
+    loss, m = _weighted_kl(kl, mask, weight, keep, agg, denominator)
+    metrics: dict = {"kl_mean": masked_mean(kl.detach(), m)}
+    if weight is not None:
+        metrics.update(token_stats(weight, m, "weight"))
+    metrics["num_tokens"] = m.sum()
+    metrics["loss"] = loss.detach()
+    return loss, to_floats(metrics)
+
+
+def _weighted_kl(kl, mask, weight, keep, agg, denominator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reverse_kl_loss` without its metrics: (loss, the [B, T] mask of the positions that count)."""
     check_2d("kl", kl)
     B = kl.shape[0]
     m = as_mask(mask, kl, "kl")
@@ -62,15 +73,10 @@ def reverse_kl_loss(
     if denominator is not None:
         denominator = check_number("denominator", denominator, lo=0.0, lo_open=True)
     per_token = kl
-    metrics: dict = {"kl_mean": masked_mean(kl.detach(), m)}
     if weight is not None:
         check_like("weight", weight, kl, "kl")
         per_token = weight.detach().to(kl.dtype) * kl
-        metrics.update(token_stats(weight, m, "weight"))
-    loss = aggregate_loss(per_token, m, agg, denominator=denominator)
-    metrics["num_tokens"] = m.sum()
-    metrics["loss"] = loss.detach()
-    return loss, to_floats(metrics)
+    return aggregate_loss(per_token, m, agg, denominator=denominator), m
 
 
 def kl_coefficients(
@@ -84,8 +90,9 @@ def kl_coefficients(
     """[B, T] coefficients c with ``reverse_kl_loss(kl, mask, ...) == (c * kl).sum()`` for every kl.
 
     The loss is linear in the per-token KL, so its gradient w.r.t. the KL does
-    not depend on the KL: it is taken here, once, through `reverse_kl_loss`
-    itself (no second copy of the aggregation rules). A fused op that computes
+    not depend on the KL: it is taken here, once, through the loss of
+    `reverse_kl_loss` itself (no second copy of the aggregation rules; its
+    metrics, which wait for the device, are not computed). A fused op that computes
     the gradient in its forward pass (`pyopd.fused_linear_reverse_kl_loss`)
     needs these up front. Zero at positions outside the loss.
     """
@@ -96,7 +103,7 @@ def kl_coefficients(
     with torch.enable_grad():
         probe = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device, requires_grad=True)
         w = None if weight is None else weight.detach().to(torch.float64)
-        loss, _ = reverse_kl_loss(probe, mask, weight=w, keep=keep, agg=agg, denominator=denominator)
+        loss, _ = _weighted_kl(probe, mask, w, keep, agg, denominator)
         (coef,) = torch.autograd.grad(loss, probe, allow_unused=True)
     return torch.zeros_like(probe) if coef is None else coef
 
