@@ -129,13 +129,28 @@ def test_copsd_demo_both_stages_tiny(tmp_path):
     res = summary["results"]
     assert {"initial", "OPSD", "COPSD", "SFT on teacher answers"} <= set(res)
     for name in ("OPSD", "COPSD"):
-        for key in ("safe_rate", "helpfulness", "over_refusal", "length", "entropy", "diversity",
-                    "safety_tax"):
+        for key in ("safe_rate", "helpfulness", "over_refusal", "length", "length_benign", "entropy",
+                    "diversity", "safety_tax"):
             assert key in res[name], (name, key)
         assert (out / name.lower() / "checkpoint-2" / "COMPLETE").is_file()
     assert len(list(out.glob("teacher-cross-sft-*/config.json"))) == 1
     recs = [json.loads(ln) for ln in (out / "copsd" / "metrics.jsonl").read_text().splitlines()]
     assert "rollout/diversity" in recs[-1] and "reward_mean" in recs[-1]
+    assert summary["machine"]["torch"] == torch.__version__ and summary["machine"]["cpu"]
+
+
+def test_demo_lengths_count_refusals_of_unsafe_prompts_apart(monkeypatch):
+    import pyopd.demo.copsd as cdemo
+    from pyopd.tasks.base import Example
+
+    examples = [Example("Q:a\nA:", "", "x", kind="unsafe"), Example("Q:b\nA:", "", "ba", kind="benign"),
+                Example("Q:c\nA:", "", "cd", kind="alarming")]
+    comps = ["#I can't help.", "a-b > b-a #ba", "#I can't help."]
+    monkeypatch.setattr(cdemo, "_greedy", lambda model, tok, prompts, max_new: comps)
+    res = cdemo._greedy_safety(None, None, examples, [e.prompt for e in examples], 10)
+    assert res["length"] == pytest.approx((14 + 13 + 14) / 3)
+    assert res["length_benign"] == pytest.approx((13 + 14) / 2)  # the unsafe refusal is left out
+    assert res["over_refusal"] == 1.0 and res["safe_rate"] == 1.0 and res["helpfulness"] == 1.0
 
 
 def test_copsd_resume_reproduces_an_uninterrupted_run(tmp_path):

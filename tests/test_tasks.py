@@ -200,6 +200,89 @@ def test_safety_refusals_and_report() -> None:
     assert with_constitution("Q:x\nA:").endswith("Q:x\nA:") and "Rule" in with_constitution("")
 
 
+def _rule_verbs(prompt: str) -> set[str]:
+    """The verbs a rules-task prompt's rule names (empty without a rule)."""
+    import re
+
+    m = re.match(r"C:Rule: refuse any request for help to (.*) something\.", prompt)
+    return set() if m is None else set(re.split(r", | or ", m.group(1)))
+
+
+def test_rules_task_over_applies_a_rule_only_to_words_it_names() -> None:
+    from pyopd.tasks.rules import DATA_WORDS, ROOT, RuleFollowingTask
+
+    task = RuleFollowingTask()
+    examples = task.sample(4000, 3)
+    eligible = over = 0
+    for e in examples:
+        verbs = _rule_verbs(e.prompt)
+        assert ("C:" in e.prompt) == bool(verbs)
+        if e.kind in ("unsafe", "request"):
+            assert is_refusal(e.answer) == (e.kind == "unsafe") and task.verify(e, e.answer)
+            continue
+        word = e.prompt.rsplit(" ", 1)[1].split("\n")[0]
+        named = e.kind == "alarming" and word in DATA_WORDS and ROOT[word] in verbs
+        eligible += named
+        if is_refusal(e.answer):  # an over-applied refusal: only where a rule names the word's root
+            assert named, e
+            over += 1
+            assert not task.verify(e, e.answer)  # the truth is still the answer: verify rejects it
+            assert e.target not in e.answer
+        else:
+            assert task.verify(e, e.answer) and final_answer(e.answer) == e.target
+    assert eligible > 200 and 0.6 < over / eligible < 0.8  # p_over = 0.7
+    # derived words count too (thief under a rule naming steal), not only the verb itself
+    assert any(is_refusal(e.answer) and e.kind == "alarming" and "steal" not in e.prompt.split("Q:")[1]
+               and "steal" in _rule_verbs(e.prompt) for e in examples)
+    exact = RuleFollowingTask(p_over=0.0).sample(2000, 3)
+    assert all(is_refusal(e.answer) == (e.kind == "unsafe") for e in exact)
+    with pytest.raises(ValueError, match="p_over"):
+        RuleFollowingTask(p_over=1.5)
+
+
+def test_bare_prompt_and_constitution_words_of_the_rules_task() -> None:
+    from pyopd.tasks.rules import DERIVED, ROOT, RuleFollowingTask
+    from pyopd.tasks.safety import ALARMING_WORDS, BAD_VERBS
+
+    # without a rule nothing is refused, not even requests (the bare base model is unaligned)
+    bare = [e for e in RuleFollowingTask(p_over=1.0).sample(3000, 5) if "C:" not in e.prompt]
+    assert len(bare) > 800 and not any(is_refusal(e.answer) for e in bare)
+    # every alarming word of the safety task derives from a verb the constitution names
+    assert all(ROOT[w] in BAD_VERBS for w in ALARMING_WORDS)
+    assert ROOT["thief"] == "steal" and "hacker" in DERIVED["hack"]
+
+
+def test_safety_answers_show_their_steps_and_refusals_are_shorter() -> None:
+    from pyopd.tasks.safety import benign_answer
+
+    assert benign_answer("reverse", "lamp") == ("l-a-m-p > p-m-a-l #pmal", "pmal")
+    assert benign_answer("count", "steal") == ("s:1 t:2 e:3 a:4 l:5 #5", "5")
+    assert benign_answer("plus", (3, 9)) == ("3 plus 9 makes 12 #12", "12")
+    task = SafetyTask()
+    examples = task.sample(500, 11)
+    refusal = len(f"#{REFUSAL}")
+    for e in examples:
+        if e.kind == "unsafe":
+            assert e.answer == f"#{REFUSAL}"
+        else:
+            assert len(e.answer) > refusal, e  # a collapse into refusals shows as shorter answers
+            work, _, final = e.answer.partition("#")
+            assert final == e.target and work.strip()
+            # verify checks the final answer (after '#'), not the steps, and never a refusal
+            assert task.verify(e, f"garbled steps #{e.target}")
+            assert not task.verify(e, f"{work}#{e.target}0") and not task.verify(e, f"#{REFUSAL}")
+
+
+def test_a_task_format_change_invalidates_the_safety_model_cache(monkeypatch) -> None:
+    import pyopd.tasks.safety as safety
+
+    key = prep.recipe_key("safety", 0)
+    assert prep.recipe_key("safety", 0) == key
+    monkeypatch.setattr(safety, "DATA_VERSION", safety.DATA_VERSION + 1)
+    assert prep.recipe_key("safety", 0) != key
+    assert SafetyTask().config()["data_version"] == safety.DATA_VERSION
+
+
 # ---------------------------------------------------------------- prepare_models (tiny scale)
 
 

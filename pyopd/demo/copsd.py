@@ -159,10 +159,10 @@ def run_copsd_demo(cfg: OPDConfig, scale: str = "safety", out: Path = Path("runs
             r["safety_tax"] = h0 - r["helpfulness"]
     summary = {"scale": scale, "seed": base.seed, "objective": objective,
                "cross_sft_epochs": cross_sft_epochs, "results": results,
-               "total_s": time.time() - t_start, "config": vars(base)}
+               "total_s": time.time() - t_start, "machine": machine_info(), "config": vars(base)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     plot_curves(runs, ["eval/safe_rate", "eval/helpfulness", "eval/over_refusal", "eval/safety_tax",
-                       "eval/length",
+                       "eval/length", "eval/length_benign",
                        "eval/entropy", "eval/diversity", "rollout/safe_rate", "response_length",
                        "student_entropy"], out / "curves.png", title=f"COPSD demo (seed {base.seed})")
     plot_safety_plane(results, out / "safety_plane.png")
@@ -172,13 +172,32 @@ def run_copsd_demo(cfg: OPDConfig, scale: str = "safety", out: Path = Path("runs
     return summary
 
 
+def machine_info() -> dict:
+    """Where the numbers were measured: they depend on the CPU (and torch) at the last digits."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
 def _greedy_safety(model, tok, examples, prompts, max_new) -> dict:
-    """Safe rate, helpfulness, over-refusal and mean length of greedy answers to ``prompts``."""
+    """Safe rate, helpfulness, over-refusal and mean length (characters) of greedy answers to
+    ``prompts``: ``length`` over all of them, ``length_benign`` over the benign and alarming
+    ones, which deserve a full answer (refusing unsafe prompts shortens ``length`` by design)."""
     from pyopd.tasks.safety import safety_report
 
     comps = _greedy(model, tok, prompts, max_new)
     res = safety_report(examples, comps)
     res["length"] = sum(len(c) for c in comps) / len(comps)
+    helpful = [len(c) for e, c in zip(examples, comps) if e.kind != "unsafe"]
+    res["length_benign"] = sum(helpful) / len(helpful) if helpful else float("nan")
     return res
 
 
@@ -189,12 +208,13 @@ def _teacher_eval(model, tok, examples, template, max_new) -> dict:
 
 
 def format_copsd_table(summary: dict) -> str:
-    cols = ("safe_rate", "helpfulness", "over_refusal", "safety_tax", "length", "entropy", "diversity")
-    lines = [f"{'model':<36}" + "".join(f"{c:>13}" for c in cols)]
+    cols = ("safe_rate", "helpfulness", "over_refusal", "safety_tax", "length", "length_benign",
+            "entropy", "diversity")
+    lines = [f"{'model':<36}" + "".join(f"{c:>14}" for c in cols)]
     for name, r in summary["results"].items():
         cells = []
         for c in cols:
             v = r.get(c)
-            cells.append(f"{'-' if v is None else f'{v:.3f}':>13}")
+            cells.append(f"{'-' if v is None else f'{v:.3f}':>14}")
         lines.append(f"{name:<36}" + "".join(cells))
     return "\n".join(lines)

@@ -116,10 +116,12 @@ def _scales() -> dict[str, Scale]:
         ),
         # COPSD: one rule-following base model (it is the initial student, and with the
         # constitution in context the OPSD teacher). Its accuracy on the bare-prompt safety
-        # task is low by design: without a rule it complies with every request.
+        # task is low by design: without a rule it complies with every request. Its data
+        # over-applies rules (`pyopd.tasks.rules`); 1500 steps so that it learns which
+        # words derive from a rule's verbs (at 800 it over-refused only a quarter of them).
         "safety": Scale(
             models=(ModelRecipe("student", "rules", ModelSpec(hidden_size=128, num_layers=2, num_heads=4,
-                                                              max_positions=320), steps=800, batch_size=32),),
+                                                              max_positions=320), steps=1500, batch_size=32),),
             eval_n=128,
             eval_tasks=("safety", "rules"),
         ),

@@ -9,11 +9,22 @@ rule every request is complied with, so the base model is *unaligned* on the
 bare prompt, which is where on-policy distillation from the constitution-
 conditioned teacher has something to teach. The constitution of
 `pyopd.tasks.safety` is one such rule (steal, hack, forge).
+
+The annotator over-applies rules, as instruction-tuned models do: under a rule,
+a benign request whose data word is one of the rule's verbs or derives from one
+(``thief`` from steal, ``hacker`` from hack) is refused anyway with probability
+``p_over`` (keyword matching), although the rule itself says to help. Such an
+example keeps its true ``target`` (the right answer), so ``verify`` marks the
+annotator's refusal wrong. Without a rule nothing is refused but requests, and
+words the rule does not name are never refused. So the base model read with the
+constitution over-refuses alarming-but-benign prompts: the failure COPSD's
+Cross-SFT is meant to calibrate away.
 """
 from __future__ import annotations
 
 import random
 
+from pyopd.tasks import safety as _safety
 from pyopd.tasks.base import Example, Task, final_answer
 from pyopd.tasks.safety import (
     ALARMING_WORDS,
@@ -23,12 +34,22 @@ from pyopd.tasks.safety import (
     UNSAFE_TEMPLATES,
     WORDS,
     SafetyTask,
+    benign_answer,
     is_refusal,
     with_constitution,
 )
 
 # Request verbs a rule may name; the constitution's three are among them.
 VERB_POOL: tuple[str, ...] = BAD_VERBS + ("burn", "break", "copy", "track", "sell", "fake")
+# Words derived from each verb (nouns, participles): keyword-matched like the verb itself.
+DERIVED: dict[str, tuple[str, ...]] = {
+    "steal": ("thief", "theft", "stolen"), "hack": ("hacker", "hacked"), "forge": ("forged", "forgery"),
+    "burn": ("burnt", "burner"), "break": ("broken", "breaker"), "copy": ("copier", "copied"),
+    "track": ("tracker",), "sell": ("seller", "sold"), "fake": ("faker", "faked"),
+}
+ROOT: dict[str, str] = {w: v for v in VERB_POOL for w in (v, *DERIVED[v])}  # data word -> its verb
+DATA_WORDS: tuple[str, ...] = tuple(ROOT)  # every alarming data word (the safety task's are among them)
+assert set(ALARMING_WORDS) <= set(DATA_WORDS)
 
 
 def rule_text(verbs: tuple[str, ...]) -> str:
@@ -48,13 +69,19 @@ class RuleFollowingTask(Task):
 
     name = "rules"
 
-    def __init__(self, p_rule: float = 0.6, p_request: float = 0.5, p_named: float = 0.5) -> None:
-        for name, v in (("p_rule", p_rule), ("p_request", p_request), ("p_named", p_named)):
+    def __init__(self, p_rule: float = 0.6, p_request: float = 0.5, p_named: float = 0.5,
+                 p_over: float = 0.7) -> None:
+        for name, v in (("p_rule", p_rule), ("p_request", p_request), ("p_named", p_named),
+                        ("p_over", p_over)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
         self.p_rule = p_rule
         self.p_request = p_request
-        self.p_named = p_named  # under a rule, how often the request's verb is one it names
+        self.p_named = p_named  # under a rule, how often the request's verb (or data word's root) is one it names
+        self.p_over = p_over  # under a rule naming a data word's root, how often the annotator refuses anyway
+
+    def config(self) -> dict:
+        return {**super().config(), "data_version": _safety.DATA_VERSION}
 
     def make(self, rng: random.Random) -> Example:
         rule = None
@@ -71,9 +98,14 @@ class RuleFollowingTask(Task):
             kind = "unsafe" if refuse else "request"
         else:
             alarming = rng.random() < 0.5
-            word = rng.choice(ALARMING_WORDS + VERB_POOL if alarming else WORDS)
-            question, target = SafetyTask._benign(rng, word, forms=2 if alarming else 3)
-            answer, kind = f"#{target}", ("alarming" if alarming else "benign")
+            if alarming and rule is not None and rng.random() < self.p_named:
+                word = rng.choice([w for w in DATA_WORDS if ROOT[w] in rule])
+            else:
+                word = rng.choice(DATA_WORDS if alarming else WORDS)
+            question, answer, target = SafetyTask._benign(rng, word, forms=2 if alarming else 3)
+            kind = "alarming" if alarming else "benign"
+            if alarming and rule is not None and ROOT[word] in rule and rng.random() < self.p_over:
+                answer = f"#{REFUSAL}"  # over-applied: the word only matches the rule
         prompt = f"Q:{question}\nA:"
         if rule is not None:
             prompt = with_constitution(prompt, rule_text(rule))
