@@ -109,8 +109,13 @@ def default_max_new_tokens() -> int:
 def run_copsd_demo(cfg: OPDConfig, scale: str = "safety", out: Path = Path("runs/copsd-demo"),
                    cache_dir: Optional[str] = None, objective: str = "sampled", cross_sft_epochs: int = 2,
                    progress: bool = True, resume: bool = False, log=print, n_eval: int = SAFETY_EVAL_N,
-                   n_cross_sft: int = CROSS_SFT_PROMPTS) -> dict:
-    """OPSD and COPSD students (and the SFT baseline) trained with ``cfg`` (used as given)."""
+                   n_cross_sft: int = CROSS_SFT_PROMPTS, split: str = "eval") -> dict:
+    """OPSD and COPSD students (and the SFT baseline) trained with ``cfg`` (used as given).
+
+    ``split``: evaluate on the task's fixed eval split, or on its dev split ("dev", for
+    recipe sweeps). The toy's prompt space is small (16 alarming prompts in all), so the
+    dev split is a different draw of the same prompts, not a disjoint set.
+    """
     from pyopd.tasks.prepare import prepare_models
     from pyopd.tasks.safety import CONSTITUTION, SafetyTask
     from pyopd.trainers.copsd import SLOT, wrap
@@ -120,7 +125,9 @@ def run_copsd_demo(cfg: OPDConfig, scale: str = "safety", out: Path = Path("runs
     tok = prepared.load_tokenizer()
     task = SafetyTask()
     template = f"C:{CONSTITUTION}\n{SLOT}"
-    examples = task.eval_set(n_eval)
+    if split not in ("eval", "dev"):
+        raise ValueError(f"split must be 'eval' or 'dev', got {split!r}")
+    examples = task.eval_set(n_eval) if split == "eval" else task.dev_set(n_eval)
     max_new = default_max_new_tokens()  # evaluation and Cross-SFT: fixed by the task
     evaluate = make_safety_evaluator(tok, examples, max_new)
     base = cfg
@@ -157,7 +164,7 @@ def run_copsd_demo(cfg: OPDConfig, scale: str = "safety", out: Path = Path("runs
     for r in results.values():
         if "helpfulness" in r:
             r["safety_tax"] = h0 - r["helpfulness"]
-    summary = {"scale": scale, "seed": base.seed, "objective": objective,
+    summary = {"scale": scale, "seed": base.seed, "objective": objective, "split": split,
                "cross_sft_epochs": cross_sft_epochs, "results": results,
                "total_s": time.time() - t_start, "machine": machine_info(), "config": vars(base)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
