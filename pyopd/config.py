@@ -42,6 +42,10 @@ def option(default: Any, help: str, *, lo: Optional[float] = None, hi: Optional[
     return field(default=default, metadata=meta)
 
 
+# --fused-linear (see OPDConfig.fused_linear and pyopd.trainers.rollout.grad_in_forward)
+FUSED_LINEAR_MODES: tuple[str, ...] = ("auto", "on", "recompute", "grad-in-forward", "off")
+
+
 @dataclass
 class OPDConfig:
     """Hyperparameters of one OPD run; defaults follow the FiRe-OPD paper where it gives one."""
@@ -103,14 +107,16 @@ class OPDConfig:
     top_p: float = option(1.0, "nucleus sampling", lo=0.0, lo_open=True, hi=1.0,
                           group="optimisation")
     fused_linear: str = option("auto", "score and differentiate from the hidden states and the lm_head "
-                               "weight (pyopd.fused_linear_*) instead of [tokens, vocab] logits: 'on', 'off', "
-                               "or 'auto' (on when one micro-batch's logits would exceed 256 MiB; on the CPU the "
-                               "fused path costs about 2x the time of materialised logits and 1/10 of the memory); "
-                               "'grad-in-forward': like 'on', but the rkl objectives take the gradient in the "
-                               "forward pass (4 matmuls instead of 6; an H200 measured 85 vs 135 ms, and a "
-                               "float32 [V, H] buffer for bf16 weights); "
-                               "models whose head is not a plain linear map always use logits",
-                               choices=("auto", "on", "grad-in-forward", "off"), group="optimisation")
+                               "weight (pyopd.fused_linear_*) instead of [tokens, vocab] logits: 'auto' (when "
+                               "one micro-batch's logits would exceed 256 MiB), 'on' (always), 'off'. For the "
+                               "rkl objectives 'auto' and 'on' take the gradient in the forward pass "
+                               "(pyopd.fused_linear_reverse_kl_loss: 4 matmuls, as many as the materialised "
+                               "logits) when the lm_head is float32, and recompute the logits in backward "
+                               "(6 matmuls, float32 sums bounded to 64 MiB blocks) when it is bf16/fp16, "
+                               "where the former's float32 [V, H] running sum would outweigh the logits; "
+                               "'grad-in-forward' and 'recompute' force one of the two. Models whose head "
+                               "is not a plain linear map always use logits",
+                               choices=FUSED_LINEAR_MODES, group="optimisation")
     fsdp: bool = option(False, "under torchrun: shard the student's parameters, gradients and optimizer "
                         "state across the processes with FSDP2 (and the teacher and reference when "
                         "every rank scores all rows with them); checkpoints stay full, so a run "

@@ -154,6 +154,27 @@ def test_upstream_gradient_scales_the_saved_gradients():
     assert_close(x.grad, 2.5 * ref[0], atol=1e-12, rtol=1e-10, what="grad_hidden")
 
 
+def test_unit_upstream_gradient_with_a_retained_graph():
+    """The gradients are computed once, in the forward, and saved: backward twice and three times
+    on a retained graph must still give 2x and 3x the gradient (handing the saved tensor itself
+    to autograd for an upstream gradient of 1 broke this), and a non-leaf consumer gets the
+    same values."""
+    s_h, s_w, s_b, t_h, t_w, t_b, y = _case((11,), 5, 19, 5, 19, bias=True, seed=59)
+    coef = _coef((11,), 60)
+    _, _, ref = _reference(s_h, s_w, None, t_h, t_w, None, coef, y, None, 1.0)
+    x = s_h.clone().requires_grad_()
+    w = s_w.clone().requires_grad_()
+    loss, _ = pyopd.fused_linear_reverse_kl_loss(x, w, t_h, t_w, coef, y, chunk_size=4)
+    for k in (1, 2, 3):
+        loss.backward(retain_graph=True)
+        assert_close(x.grad, k * ref[0], atol=1e-12, rtol=1e-10, what=f"grad_hidden x{k}")
+        assert_close(w.grad, k * ref[1], atol=1e-12, rtol=1e-10, what=f"grad_weight x{k}")
+    leaf = s_h.clone().requires_grad_()
+    loss2, _ = pyopd.fused_linear_reverse_kl_loss(leaf * 1.0, s_w, t_h, t_w, coef, y, chunk_size=4)
+    (g,) = torch.autograd.grad(loss2, leaf)
+    assert_close(g, ref[0], atol=1e-12, rtol=1e-10, what="through a non-leaf")
+
+
 # --------------------------------------------------------------------------- gradcheck (float64)
 
 

@@ -187,15 +187,16 @@ def test_released_preset_through_the_objectives_equals_the_presets_module(loss):
 def test_fused_linear_path_equals_the_logits_path(prepared, task, tmp_path, loss):
     """By default the trainer scores and differentiates from hidden states + lm_head weight
     (no [tokens, vocab] logits); the result equals the materialised-logits path, with the
-    gradient recomputed in backward ('on') or taken in the forward ('grad-in-forward')."""
+    gradient recomputed in backward ('recompute') or taken in the forward ('grad-in-forward',
+    and 'on' for this float32 head)."""
     runs = {}
-    for fused in ("on", "grad-in-forward", "off"):
+    for fused in ("on", "recompute", "grad-in-forward", "off"):
         tr = _trainer(prepared, task, tmp_path / f"{loss}-{fused}", loss=loss, steps=1, save_every=0,
                       fused_linear=fused, dual_clip=3.0 if loss == "copsd" else None)
         hist = tr.train()
         runs[fused] = (hist[-1], [p.detach().clone() for p in tr.student.parameters()])
     m0, p0 = runs["off"]
-    for fused in ("on", "grad-in-forward"):
+    for fused in ("on", "recompute", "grad-in-forward"):
         m1, p1 = runs[fused]
         assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-4, abs=1e-6), fused
         for key in ("kl_mean", "weight_mean", "student_entropy_mean"):
@@ -213,6 +214,20 @@ def test_fused_auto_threshold(prepared):
     rows = FUSED_AUTO_BYTES // (4 * v * 8) + 1  # just over the threshold at r = 8
     assert wants_fused("auto", rows, 8, m) and not wants_fused("auto", 1, 8, m)
     assert wants_fused("on", 1, 1, m) and not wants_fused("off", 10**6, 10**3, m)
+    assert wants_fused("recompute", 1, 1, m) and wants_fused("grad-in-forward", 1, 1, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fused_op_choice_for_the_rkl_objectives(dtype):
+    """'auto'/'on': gradient in the forward for a float32/float64 head, recompute for 16-bit
+    ones (whose float32 [V, H] running sum would outweigh the logits); the explicit modes win."""
+    from pyopd.trainers.rollout import grad_in_forward
+
+    w = torch.zeros(4, 2, dtype=dtype)
+    wide = dtype in (torch.float32, torch.float64)
+    assert grad_in_forward("auto", w) == wide and grad_in_forward("on", w) == wide
+    assert grad_in_forward("grad-in-forward", w) and not grad_in_forward("recompute", w)
+    assert not grad_in_forward("off", w)
 
 
 def test_linear_head_probe(prepared):

@@ -66,12 +66,13 @@ from typing import Optional
 
 import torch
 
-import pyopd.ops.vocab  # noqa: F401  (registers torch.ops.pyopd.vocab_stats_fwd / _bwd)
 from pyopd.ops.fused_linear import (
     _LOW,
+    _Scratch,
+    _accumulate_float,
     _check_rows,
+    _chunk_logits,
     _chunks,
-    _logits,
     _out_dtype,
     _prepare_pair,
     _put,
@@ -80,6 +81,7 @@ from pyopd.ops.fused_linear import (
     default_chunk_size,
 )
 from pyopd.ops.reference import ReverseKL
+from pyopd.ops.vocab import vocab_stats_bwd_into
 
 __all__ = ["MIN_CHUNK_HIDDEN_DIVISOR", "fused_linear_loss_chunks", "fused_linear_reverse_kl_loss",
            "loss_chunk_size"]
@@ -146,26 +148,26 @@ def fused_linear_loss_chunks(
     grad_w = (torch.zeros_like(s_weight) if (need_weight and count == 0) else
               torch.empty_like(s_weight) if need_weight else s_weight.new_empty(0))
     # bf16/fp16 sums over several chunks are kept in float32 and rounded once at the end.
-    acc_w = (torch.zeros(s_weight.shape, dtype=torch.float32, device=dev)
-             if (need_weight and low and multi) else None)
+    acc_w = (torch.empty(s_weight.shape, dtype=torch.float32, device=dev)
+             if (need_weight and low and multi) else None)  # the first chunk fills it
     grad_b = (torch.zeros(vocab, dtype=torch.float32 if low else dtype, device=dev) if need_bias
               else s_weight.new_empty(0))
     need_grad = need_hidden or need_weight or need_bias
+    scratch = _Scratch(dev)
     for i, (c0, c1, idx) in enumerate(_chunks(count, chunk_size, rows)):
         h_c = _take(s_hidden, c0, c1, idx)
-        zs = _logits(h_c, s_weight, s_bias)
-        zt = _logits(_take(t_hidden, c0, c1, idx), t_weight, t_bias)
+        zs = _chunk_logits(scratch, "zs", h_c, s_weight, s_bias)
+        zt = _chunk_logits(scratch, "zt", _take(t_hidden, c0, c1, idx), t_weight, t_bias)
         y_c = _take(tokens, c0, c1, idx)
         res = torch.ops.pyopd.vocab_stats_fwd(zs, zt, y_c, None, inv_temperature)
         for dst, src in zip(outs, res[:7]):
             _put(dst, c0, c1, idx, src)
         if not need_grad:
-            del zs, zt, res
             continue
-        g = torch.ops.pyopd.vocab_stats_bwd(
+        g = vocab_stats_bwd_into(
+            scratch.take("g", zs.shape[0], zs.shape[1], dtype),
             zs, zt, y_c, None, res[7], res[0], res[1], _take(coef, c0, c1, idx), None, None, None,
-            inv_temperature, dtype)
-        del zs, zt, res  # free this chunk's logits before its gradient matmuls
+            inv_temperature)
         if need_hidden:
             if idx is None:
                 torch.mm(g, s_weight, out=grad_h[c0:c1])
@@ -175,12 +177,14 @@ def fused_linear_loss_chunks(
             if i == 0 or acc_w is not None:
                 torch.mm(g.t(), h_c, out=grad_w)
                 if acc_w is not None:
-                    acc_w.add_(grad_w)
+                    if i == 0:
+                        acc_w.copy_(grad_w)
+                    else:
+                        _accumulate_float(acc_w, grad_w)
             else:
                 grad_w.addmm_(g.t(), h_c)
         if need_bias:
             grad_b.add_(g.sum(0, dtype=grad_b.dtype))
-        del g
     if acc_w is not None:
         grad_w.copy_(acc_w)
         del acc_w
@@ -241,7 +245,11 @@ def _backward(ctx, g_loss, *_rest):
             raise RuntimeError(
                 "pyopd::fused_linear_rkl_loss was called without the gradient of input "
                 f"{i} (need_* flag False) but autograd asks for it")
-        out[i] = g * g_loss  # g_loss: a 0-dim float32 (float64); the product keeps g's dtype
+        # g_loss: a 0-dim float32 (float64); the product keeps g's dtype. Always a new
+        # tensor, even when g_loss is 1: autograd may take the returned gradient as the
+        # leaf's .grad and later add into it in place, which would change the saved one
+        # for a retained graph (tests/test_fused_linear_loss.py checks backward x3).
+        out[i] = g * g_loss
     return tuple(out)
 
 

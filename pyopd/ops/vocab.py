@@ -218,8 +218,21 @@ def _vocab_stats_bwd(
     grad_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Gradient w.r.t. the student logits [N, V] (contiguous, dtype grad_dtype)."""
-    _checks.inv_temperature(inv_temperature)
     grad = torch.empty(student.shape, dtype=grad_dtype, device=student.device)
+    return vocab_stats_bwd_into(grad, student, teacher, tokens, mask, stats, kl, student_entropy,
+                                grad_kl, grad_logprob, grad_entropy, grad_lse, inv_temperature)
+
+
+def vocab_stats_bwd_into(grad, student, teacher, tokens, mask, stats, kl, student_entropy, grad_kl,
+                         grad_logprob, grad_entropy, grad_lse, inv_temperature: float) -> torch.Tensor:
+    """`pyopd::vocab_stats_bwd` writing into ``grad`` (contiguous, the student's shape; its dtype
+    is the gradient's). For the chunk loops of the fused-linear ops, which reuse one buffer
+    across chunks; plain tensors only (no autograd, no tracing)."""
+    _checks.inv_temperature(inv_temperature)
+    if not grad.is_contiguous() or grad.shape != student.shape or grad.device != student.device:
+        raise ValueError(f"grad must be contiguous with the student's shape {tuple(student.shape)} "
+                         f"on {student.device}, got {tuple(grad.shape)} on {grad.device}")
+    grad_dtype = grad.dtype
     od = _out_dtype(student)
     p = _C.VocabStatsBwdParams()
     _fill_inputs(p, student, teacher, tokens, mask, inv_temperature)

@@ -58,6 +58,7 @@ from pyopd.trainers import sharding
 from pyopd.trainers.records import JsonlLog
 from pyopd.trainers.rollout import (
     Rollouts,
+    grad_in_forward,
     layout,
     linear_head,
     response_hidden,
@@ -161,7 +162,7 @@ class OPDTrainer:
 
     def _shard_models(self, log) -> None:
         """FSDP2 over all ranks (see pyopd/trainers/sharding.py for what changes)."""
-        if self.fused_mode in ("on", "grad-in-forward"):
+        if self.fused_mode in ("on", "recompute", "grad-in-forward"):
             log("[pyopd] --fsdp: the fused-linear path reads the sharded lm_head outside the "
                 "model's forward; using materialised logits")
         self.fused_mode = "off"
@@ -307,7 +308,8 @@ class OPDTrainer:
                     old=slice_rows(scored.old, micro), teacher=slice_rows(scored.teacher, micro),
                     reference=slice_rows(scored.reference, micro),
                     signals={k: v[micro] for k, v in signals.rows.items()}, denominator=denom,
-                    temperature=cfg.temperature, grad_in_forward=self.fused_mode == "grad-in-forward",
+                    temperature=cfg.temperature, grad_in_forward=head is not None
+                    and grad_in_forward(self.fused_mode, head.weight),
                     teacher_logits_fn=(lambda micro=micro: self._teacher_logits(sc, micro, r))
                     if obj.needs_teacher_logits else None)
                 loss, m = obj.loss(mb)

@@ -156,16 +156,34 @@ FUSED_AUTO_BYTES = 256 << 20  # 'auto': fuse when a micro-batch's float32 logits
 
 def wants_fused(mode, rows: int, r: int, model) -> bool:
     """Whether to use the fused-linear path for ``rows`` x ``r`` tokens of ``model``
-    (mode on/grad-in-forward/off/auto).
+    (one of `pyopd.config.FUSED_LINEAR_MODES`).
 
     ``True``/``False`` are accepted as on/off.
     """
-    if mode in (True, "on", "grad-in-forward"):
+    if mode in (True, "on", "recompute", "grad-in-forward"):
         return True
     if mode in (False, "off"):
         return False
     vocab = model.get_output_embeddings().weight.shape[0]
     return rows * r * vocab * 4 > FUSED_AUTO_BYTES
+
+
+def grad_in_forward(mode, weight: torch.Tensor) -> bool:
+    """On the fused path, whether a loss linear in the KL (rkl, fire-rkl) takes its gradient in
+    the forward pass (`pyopd.fused_linear_reverse_kl_loss`, 4 matmuls) rather than recomputing
+    the logits in backward (`pyopd.fused_linear_reverse_kl`, 6 matmuls).
+
+    'auto' / 'on' choose the former for a float32/float64 lm_head: the same matmuls as the
+    materialised logits (on the CPU at N = 4096, H = 1024, V = 32768, one thread: 0.95x their
+    time, bench/results/cpu-fused-linear-loss.md) in [N/16, V] chunks. For bf16/fp16 they choose the recompute: with more than one
+    chunk the gradient-in-forward op keeps a float32 [V, H] running sum of grad_weight (2.3
+    GiB at V = 151936, H = 4096), which can exceed the logits it saves.
+    """
+    if mode == "grad-in-forward":
+        return True
+    if mode in ("auto", "on", True):
+        return weight.dtype not in (torch.bfloat16, torch.float16)
+    return False
 
 
 def response_hidden(model, inputs: ModelInputs, r: int) -> torch.Tensor:
