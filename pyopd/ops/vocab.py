@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from pyopd import _C, _checks
+from pyopd.ops import buffers
 from pyopd.ops.types import ReverseKL, TokenStats
 
 __all__ = ["token_stats", "reverse_kl", "reverse_kl_backward", "TokenStats", "ReverseKL"]
@@ -290,6 +291,18 @@ torch.library.register_autograd("pyopd::vocab_stats_fwd", _backward, setup_conte
 # ops above are what gets traced.
 
 
+def _eager_bwd(student, teacher, tokens, mask, stats, kl, student_entropy, grad_kl, grad_logprob,
+               grad_entropy, grad_lse, inv_temperature, grad_dtype):
+    """`_vocab_stats_bwd` for plain eager tensors: on the CPU a large gradient comes from the
+    reused buffers of `pyopd.ops.buffers` (no page zeroing per call)."""
+    if student.device.type == "cpu":
+        grad = buffers.empty_gradient(student.shape, grad_dtype)
+    else:
+        grad = torch.empty(student.shape, dtype=grad_dtype, device=student.device)
+    return vocab_stats_bwd_into(grad, student, teacher, tokens, mask, stats, kl, student_entropy,
+                                grad_kl, grad_logprob, grad_entropy, grad_lse, inv_temperature)
+
+
 class _VocabStatsEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, tokens, mask, inv_temperature, check_tokens):
@@ -299,7 +312,7 @@ class _VocabStatsEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return _backward(ctx, *grads, bwd=_vocab_stats_bwd._init_fn)
+        return _backward(ctx, *grads, bwd=_eager_bwd)
 
 
 def _plain(*xs) -> bool:
@@ -317,7 +330,7 @@ def _fwd(*xs):
 
 
 def _bwd(*xs):
-    return _vocab_stats_bwd._init_fn if _plain(*xs) else _vocab_stats_bwd
+    return _eager_bwd if _plain(*xs) else _vocab_stats_bwd
 
 
 # ---------------------------------------------------------------------------
