@@ -139,6 +139,16 @@ def test_copsd_demo_both_stages_tiny(tmp_path):
     assert summary["machine"]["torch"] == torch.__version__ and summary["machine"]["cpu"]
 
 
+def test_demo_split_is_checked_before_any_model_is_built(tmp_path):
+    from pyopd.demo.copsd import run_copsd_demo
+    from pyopd.trainers.opd import OPDConfig
+
+    with pytest.raises(ValueError, match="split"):
+        run_copsd_demo(OPDConfig(loss="copsd"), scale="safety-tiny", out=tmp_path / "o",
+                       cache_dir=str(tmp_path / "cache"), split="test", log=lambda *_: None)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_demo_lengths_count_refusals_of_unsafe_prompts_apart(monkeypatch):
     import pyopd.demo.copsd as cdemo
     from pyopd.tasks.base import Example

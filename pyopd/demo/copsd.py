@@ -120,13 +120,13 @@ def run_copsd_demo(cfg: OPDConfig, scale: str = "safety", out: Path = Path("runs
     from pyopd.tasks.safety import CONSTITUTION, SafetyTask
     from pyopd.trainers.copsd import SLOT, wrap
 
+    if split not in ("eval", "dev"):
+        raise ValueError(f"split must be 'eval' or 'dev', got {split!r}")
     t_start = time.time()
     prepared = prepare_models(scale=scale, cache_dir=cache_dir, seed=0, log=log, num_threads=1)
     tok = prepared.load_tokenizer()
     task = SafetyTask()
     template = f"C:{CONSTITUTION}\n{SLOT}"
-    if split not in ("eval", "dev"):
-        raise ValueError(f"split must be 'eval' or 'dev', got {split!r}")
     examples = task.eval_set(n_eval) if split == "eval" else task.dev_set(n_eval)
     max_new = default_max_new_tokens()  # evaluation and Cross-SFT: fixed by the task
     evaluate = make_safety_evaluator(tok, examples, max_new)
