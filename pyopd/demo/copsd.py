@@ -107,7 +107,7 @@ def default_max_new_tokens() -> int:
 
 
 def run_copsd_demo(cfg: OPDConfig, scale: str = "safety", out: Path = Path("runs/copsd-demo"),
-                   cache_dir: Optional[str] = None, objective: str = "sampled", cross_sft_epochs: int = 2,
+                   cache_dir: Optional[str] = None, objective: str = "sampled", cross_sft_epochs: int = 3,
                    progress: bool = True, resume: bool = False, log=print, n_eval: int = SAFETY_EVAL_N,
                    n_cross_sft: int = CROSS_SFT_PROMPTS, split: str = "eval") -> dict:
     """OPSD and COPSD students (and the SFT baseline) trained with ``cfg`` (used as given).
