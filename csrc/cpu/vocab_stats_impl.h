@@ -40,6 +40,8 @@ using cpu::load_as_float;
 constexpr int64_t kTile = 2048;
 // Elements per block of the joint exp sums between prefetches of the next tile.
 constexpr int64_t kSumBlock = 256;
+// Backward: how far ahead of the block being computed its logits are asked for.
+constexpr int64_t kBwdAhead = 2048;
 // Rows per dynamic-scheduling chunk: a row is >= 64 KiB at the sizes that go
 // parallel, so 2 rows amortise the scheduler and keep the tail short on a
 // busy machine.
@@ -552,10 +554,26 @@ void bwd_rows(const VocabStatsBwdParams& p) {
       const Ts* srow = S + r * p.student_row_stride;
       const Tt* trow = kTeacher ? Tch + r * p.teacher_row_stride : nullptr;
       const Acc at = a * inv_t, bt = b * inv_t, g_klt = g_kl * inv_t;
-      if (read_teacher) {
-        grad_span<true>(srow, trow, grow, V, ms, log_zs, mt, log_zt, at, g_klt, bt, inv_t);
-      } else {
-        grad_span<false>(srow, trow, grow, V, ms, log_zs, mt, log_zt, at, g_klt, bt, inv_t);
+      // In blocks of kSumBlock ids, asking kBwdAhead ids ahead for the logits
+      // (NextTile) on the way: a single pass reads and writes as it computes,
+      // but the hardware prefetcher alone left the bf16 loop waiting on memory
+      // (one core, 512 x 151936 bf16: 70 -> 45 ms on AVX-512, 76 -> 73 on AVX2;
+      // float32 unchanged).
+      for (int64_t j0 = 0; j0 < V; j0 += kSumBlock) {
+        const int64_t n = std::min(kSumBlock, V - j0);
+        const int64_t ahead = j0 + kBwdAhead;
+        if (ahead < V) {
+          const int64_t m = std::min(kSumBlock, V - ahead);
+          NextTile(srow + ahead, m).ask(kSumBlock);
+          if (read_teacher) NextTile(trow + ahead, m).ask(kSumBlock);
+        }
+        if (read_teacher) {
+          grad_span<true>(srow + j0, trow + j0, grow + j0, n, ms, log_zs, mt, log_zt, at, g_klt, bt,
+                          inv_t);
+        } else {
+          grad_span<false>(srow + j0, trow, grow + j0, n, ms, log_zs, mt, log_zt, at, g_klt, bt,
+                           inv_t);
+        }
       }
       // The sampled token's one-hot term, outside the vector loop (recomputed
       // exactly as in the loop, then rounded once to G).
