@@ -6,7 +6,6 @@ printed, and written as Markdown to $PYOPD_BENCH_OUT when that is set.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from collections import defaultdict
 
@@ -17,23 +16,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _results  # noqa: E402
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine() -> str:
     if os.environ.get("PYOPD_BENCH_DEVICE") == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     import pyopd
+    from pyopd._machine import cpu_model
 
-    return (f"{_cpu_model()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+    return (f"{cpu_model()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
             f"pyopd CPU path {pyopd.build_info()['cpu_isa']}, load average "
             f"{os.getloadavg()[0]:.1f} at the end")
 

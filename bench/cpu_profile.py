@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
 
 import pyopd
+from pyopd._machine import cpu_model
 from pyopd.ops import vocab as _vocab
 
 SHAPES = ((4096, 32768, torch.float32), (512, 151936, torch.bfloat16))
@@ -41,16 +41,6 @@ def _med_ms(fn, reps: int = 9) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return sorted(ts)[reps // 2] * 1e3
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def profile(n: int, v: int, dtype: torch.dtype) -> list[str]:
@@ -124,7 +114,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     info = pyopd.build_info()
     print(f"## {info['cpu_isa']} path, {args.threads} thread(s)\n")
-    print(f"CPU: {_cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; "
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; "
           f"PYOPD_CPU_ISA={os.environ.get('PYOPD_CPU_ISA', '(unset)')}; "
           f"load average before: {os.getloadavg()[0]:.2f}\n")
     for shape in SHAPES:

@@ -191,20 +191,23 @@ static inline void rebase(Running& r, double new_m) {
 // core (bench/cpu_profile.py): forward 138 -> 115 ms (AVX-512) and 185 -> 145 ms
 // (AVX2) at 4096 x 32768 float32.
 struct NextTile {
-  const char* p = nullptr;  // first byte of the next tile (null: none)
-  int64_t lines = 0;        // its 64-byte lines
-  int64_t done = 0;         // lines asked for so far
-  NextTile() = default;
+  const char* p;      // first byte of the span to fetch
+  int64_t lines;      // its 64-byte lines (0: nothing to fetch)
+  int64_t done = 0;   // lines asked for so far
   template <typename T>
   NextTile(const T* first, int64_t n) : p(reinterpret_cast<const char*>(first)),
       lines(n > 0 ? (n * static_cast<int64_t>(sizeof(T)) + 63) / 64 : 0) {}
   // Asks for this block's share of the lines, for a tile of n elements.
   PYOPD_ALWAYS_INLINE void ask(int64_t n) {
     const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
-    const int64_t share = blocks > 0 ? (lines + blocks - 1) / blocks : lines;
-    for (const int64_t e = std::min(lines, done + share); done < e; ++done) {
-      __builtin_prefetch(p + 64 * done, 0, 2);
-    }
+    ask_until(done + (blocks > 0 ? (lines + blocks - 1) / blocks : lines));
+  }
+  // Asks for every line not yet asked for.
+  PYOPD_ALWAYS_INLINE void ask_all() { ask_until(lines); }
+
+ private:
+  PYOPD_ALWAYS_INLINE void ask_until(int64_t end) {
+    for (const int64_t e = std::min(lines, end); done < e; ++done) __builtin_prefetch(p + 64 * done, 0, 2);
   }
 };
 
@@ -564,8 +567,8 @@ void bwd_rows(const VocabStatsBwdParams& p) {
         const int64_t ahead = j0 + kBwdAhead;
         if (ahead < V) {
           const int64_t m = std::min(kSumBlock, V - ahead);
-          NextTile(srow + ahead, m).ask(kSumBlock);
-          if (read_teacher) NextTile(trow + ahead, m).ask(kSumBlock);
+          NextTile(srow + ahead, m).ask_all();
+          if (read_teacher) NextTile(trow + ahead, m).ask_all();
         }
         if (read_teacher) {
           grad_span<true>(srow + j0, trow + j0, grow + j0, n, ms, log_zs, mt, log_zt, at, g_klt, bt,

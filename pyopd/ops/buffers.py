@@ -51,12 +51,15 @@ def _enabled() -> bool:
     return os.environ.get("PYOPD_CPU_GRAD_POOL", "1") != "0"
 
 
+def _is_free(i: int) -> bool:
+    """No tensor refers to buffer i: its only references are the list's and getrefcount's argument."""
+    return sys.getrefcount(_buffers[i]) == 2
+
+
 def _free_index(nbytes: int) -> int:
     """Index of a free buffer that fits ``nbytes`` without being more than twice as large, or -1."""
     for i in range(len(_buffers)):
-        size = len(_buffers[i]) - _ALIGN
-        # 2 references when free: the list's and getrefcount's argument.
-        if nbytes <= size <= 2 * nbytes and sys.getrefcount(_buffers[i]) == 2:
+        if nbytes <= len(_buffers[i]) - _ALIGN <= 2 * nbytes and _is_free(i):
             return i
     return -1
 
@@ -79,7 +82,7 @@ def empty_gradient(shape, dtype: torch.dtype) -> torch.Tensor:
             return _view(_buffers[i], shape, dtype, count)
         if len(_buffers) >= MAX_BUFFERS:
             # Replace a free buffer of the wrong size, else give up on pooling this one.
-            free = [j for j in range(len(_buffers)) if sys.getrefcount(_buffers[j]) == 2]
+            free = [j for j in range(len(_buffers)) if _is_free(j)]
             if not free:
                 _counts["bypassed"] += 1
                 return torch.empty(shape, dtype=dtype)
@@ -92,19 +95,16 @@ def empty_gradient(shape, dtype: torch.dtype) -> torch.Tensor:
 def release() -> int:
     """Drops the pool's free buffers; returns the bytes released."""
     with _lock:
-        keep, freed = [], 0
-        for buf in _buffers:
-            if sys.getrefcount(buf) == 3:  # the list, `buf`, getrefcount's argument
-                freed += len(buf)
-            else:
-                keep.append(buf)
-        _buffers[:] = keep
+        free = [i for i in range(len(_buffers)) if _is_free(i)]
+        freed = sum(len(_buffers[i]) for i in free)
+        for i in reversed(free):
+            del _buffers[i]
         return freed
 
 
 def stats() -> dict:
     """Buffers held (bytes, in use or free) and how requests were served, for tests and profiling."""
     with _lock:
-        in_use = sum(sys.getrefcount(_buffers[i]) > 2 for i in range(len(_buffers)))
+        in_use = sum(not _is_free(i) for i in range(len(_buffers)))
         return {"buffers": len(_buffers), "in_use": in_use,
                 "bytes": sum(len(b) for b in _buffers), **_counts}

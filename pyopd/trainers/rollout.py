@@ -175,9 +175,10 @@ def grad_in_forward(mode, weight: torch.Tensor) -> bool:
 
     'auto' / 'on' choose the former for a float32/float64 lm_head: the same matmuls as the
     materialised logits in [N/16, V] chunks (on the CPU at N = 4096, H = 1024, V = 32768:
-    0.95x their time on one thread, 1.13x on two; bench/results/cpu-fused-linear-loss.md). For bf16/fp16 they choose the recompute: with more than one
-    chunk the gradient-in-forward op keeps a float32 [V, H] running sum of grad_weight (2.3
-    GiB at V = 151936, H = 4096), which can exceed the logits it saves.
+    0.95x their time on one thread, 1.13x on two; bench/results/cpu-fused-linear-loss.md).
+    For bf16/fp16 they choose the recompute: with more than one chunk the
+    gradient-in-forward op keeps a float32 [V, H] running sum of grad_weight (2.3 GiB at
+    V = 151936, H = 4096), which can exceed the logits it saves.
     """
     if mode == "grad-in-forward":
         return True
